@@ -11,7 +11,7 @@ once per step; the draft loop itself never waits on the device.
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 
@@ -71,9 +71,9 @@ def distribution(logits, sampling: Sampling):
     return probs
 
 
-def sample(probs):
+def sample(probs, key=None):
     """One token index per row of `probs`."""
-    return mx.random.categorical(mx.log(probs))
+    return mx.random.categorical(mx.log(probs), key=key)
 
 
 def choose(logits, sampling: Sampling):
@@ -84,28 +84,29 @@ def choose(logits, sampling: Sampling):
 
 
 def leading_true(flags):
-    """How many entries at the start of a 1-D boolean array are True."""
-    return mx.cumprod(flags.astype(mx.int32)).sum()
+    """How many entries at the start of the last axis of a boolean array are True."""
+    return mx.cumprod(flags.astype(mx.int32), axis=-1).sum(axis=-1)
 
 
 def greedy_accept(target_logits, drafts, delta):
     """Verify greedy drafts: (accepted count, target token after the accepted prefix).
 
-    target_logits (k + 1, vocab) score the positions of drafts (k,) and one beyond. A
-    draft is accepted when it is the target's argmax, or when delta > 0 and its
-    probability is at least (1 - delta) times the target's largest.
+    target_logits (..., k + 1, vocab) score the positions of drafts (..., k) and one
+    beyond; leading axes are rows of a batch. A draft is accepted when it is the
+    target's argmax, or when delta > 0 and its probability is at least (1 - delta)
+    times the target's largest.
     """
     best = mx.argmax(target_logits, axis=-1)
-    accept = drafts == best[:-1]
+    accept = drafts == best[..., :-1]
     if delta > 0:
-        probs = mx.softmax(target_logits[:-1].astype(mx.float32), axis=-1)
-        drafted = mx.take_along_axis(probs, drafts[:, None], axis=-1)[:, 0]
+        probs = mx.softmax(target_logits[..., :-1, :].astype(mx.float32), axis=-1)
+        drafted = mx.take_along_axis(probs, drafts[..., None], axis=-1)[..., 0]
         accept = accept | (drafted >= (1 - delta) * probs.max(axis=-1))
     count = leading_true(accept)
-    return count, best[count]
+    return count, mx.take_along_axis(best, count[..., None], axis=-1)[..., 0]
 
 
-def sampled_accept(p, q, drafts, delta):
+def sampled_accept(p, q, drafts, delta, key=None):
     """Verify sampled drafts: (accepted count, target token after the accepted prefix).
 
     p (k + 1, vocab) is the target's distribution at each draft position and one beyond,
@@ -113,27 +114,31 @@ def sampled_accept(p, q, drafts, delta):
     delta); at the first rejection the token comes from norm(max(0, p - q)), and when
     all pass from p at the last position. At delta 0 the result is distributed as p.
     """
+    accept_key, residual_key = mx.random.split(key) if key is not None else (None, None)
     k = drafts.shape[0]
     p_draft = mx.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
     q_draft = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
-    accept = mx.random.uniform(shape=(k,)) < mx.minimum(1.0, p_draft / q_draft + delta)
+    accept = mx.random.uniform(shape=(k,), key=accept_key) < mx.minimum(1.0, p_draft / q_draft + delta)
     count = leading_true(accept)
     residual = mx.maximum(p - mx.concatenate([q, mx.zeros_like(p[:1])]), 0.0)[count]
     # A residual of zero mass (p == q) is never reached by a rejection; guard anyway.
     residual = mx.where(residual.sum() > 0, residual, p[count])
-    return count, sample(residual / residual.sum())
+    return count, sample(residual / residual.sum(), residual_key)
 
 
-def start(model, prompt_ids):
-    """Encode one prompt (a list of token ids) and return its fresh decoder cache."""
-    return model.make_cache(model.encode(mx.array(prompt_ids)[None]))
+def start(model, prompts):
+    """Encode prompts (lists of token ids) in one padded pass; return their decoder cache."""
+    width = max(len(ids) for ids in prompts)
+    ids = mx.array([ids + [0] * (width - len(ids)) for ids in prompts])
+    mask = mx.array([[1] * len(ids) + [0] * (width - len(ids)) for ids in prompts])
+    return model.make_cache(model.encode(ids, mask), mask)
 
 
 def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
     """Plain decoding: yield the model's tokens one by one until EOS or max_tokens."""
     stats = stats if stats is not None else Stats()
     began = time.perf_counter()
-    cache = start(model, prompt_ids)
+    cache = start(model, [prompt_ids])
 
     def step(token):
         stats.target_calls += 1
@@ -155,73 +160,155 @@ def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
         token = upcoming
 
 
-def draft_tokens(draft, cache, inputs, count, sampling):
-    """Let the draft propose `count` tokens after `inputs`; return (tokens, q or None).
+@dataclass
+class Row:
+    """One prompt being decoded: what both models still have to see, and its counters."""
+
+    index: int
+    newest: int
+    stats: Stats
+    began: float
+    key: mx.array
+    unseen_by_draft: list = field(default_factory=list)
+
+    def next_key(self):
+        self.key, key = mx.random.split(self.key)
+        return key
+
+
+def sample_rows(probs, rows):
+    """One token per row of probs (batch, vocab), each from its row's own random stream."""
+    return mx.stack([sample(p, row.next_key()) for p, row in zip(probs, rows)])
+
+
+def left_padded(sequences):
+    """(tokens (batch, width), padding (batch,)) with each sequence right-aligned."""
+    width = max(len(s) for s in sequences)
+    return mx.array([[0] * (width - len(s)) + s for s in sequences]), [width - len(s) for s in sequences]
+
+
+def propose(draft, cache, inputs, padding, count, sampling, rows):
+    """Let the draft propose `count` tokens per row after `inputs`: (tokens, q or None).
 
     Nothing here waits on the device: each proposal feeds the next as a lazy array.
     """
     tokens, dists = [], []
     for _ in range(count):
-        logits = draft.decode(inputs[None], cache)[0, -1]
+        logits = draft.decode(inputs, cache, padding)[:, -1]
+        padding = None
         if sampling.greedy:
             token = mx.argmax(logits, axis=-1)
         else:
             dists.append(distribution(logits, sampling))
-            token = sample(dists[-1])
+            token = sample_rows(dists[-1], rows)
         token = token.astype(mx.int32)
         mx.async_eval(token)
         tokens.append(token)
-        inputs = token.reshape(1)
-    return mx.stack(tokens), (mx.stack(dists) if dists else None)
+        inputs = token[:, None]
+    return mx.stack(tokens, axis=1), (mx.stack(dists, axis=1) if dists else None)
+
+
+def verify(logits, drafts, q, delta, sampling, rows):
+    """(accepted count, target token) per row, from the target's logits over the drafts."""
+    if sampling.greedy:
+        return greedy_accept(logits, drafts, delta)
+    p = distribution(logits, sampling)
+    q = q if q is not None else mx.zeros((len(rows), 0, p.shape[-1]))
+    verdicts = [sampled_accept(p[i], q[i], drafts[i], delta, row.next_key()) for i, row in enumerate(rows)]
+    return mx.stack([c for c, _ in verdicts]), mx.stack([t for _, t in verdicts])
+
+
+def speculative_batch(
+    target, draft, prompts, max_tokens, num_draft=5, delta=0.0, sampling=Sampling(), batch_size=1, stats=None
+):
+    """Decode many prompts, `batch_size` at a time, each at its own pace: yield (prompt index, token).
+
+    Each step the draft proposes k tokens for every row, the target scores them in one
+    call, and every row keeps its own accepted prefix plus one target token. After a
+    step both caches hold, for each row, exactly its emitted tokens except the newest,
+    which is the next step's input; when a row accepted every draft, the draft has not
+    seen its own last proposal, so it is fed that one too. A finished row (EOS or
+    max_tokens) makes room for the next prompt. With draft None this is plain decoding.
+    """
+    stats = stats if stats is not None else [Stats() for _ in prompts]
+    waiting = iter(range(len(prompts)))
+    models = [target] if draft is None else [target, draft]
+
+    def admit(count):
+        """Rows and fresh caches (one per model) for up to `count` waiting prompts."""
+        indices = [i for _, i in zip(range(count), waiting)]
+        if not indices:
+            return [], None
+        now = time.perf_counter()
+        rows = []
+        for i in indices:
+            seed = mx.random.randint(0, 2**31 - 1, ()).item()
+            rows.append(Row(i, target.decoder_start_token_id, stats[i], now, mx.random.key(seed)))
+        return rows, [start(m, [prompts[i] for i in indices]) for m in models]
+
+    rows, caches = admit(batch_size)
+    while rows:
+        remaining = [max_tokens - row.stats.generated for row in rows]
+        k = 0 if draft is None else min(num_draft, max(remaining) - 1)
+        newest = mx.array([[row.newest] for row in rows])
+        drafts, q = mx.zeros((len(rows), 0), mx.int32), None
+        if k > 0:
+            inputs, padding = left_padded([row.unseen_by_draft + [row.newest] for row in rows])
+            drafts, q = propose(draft, caches[1], inputs, padding, k, sampling, rows)
+        logits = target.decode(mx.concatenate([newest, drafts], axis=1), caches[0])
+        counts, tokens = verify(logits, drafts, q, delta, sampling, rows)
+        table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32).tolist()
+
+        finished = []
+        for slot, (row, (accepted, *proposed), left) in enumerate(zip(rows, table, remaining)):
+            useful = min(k, left - 1)
+            row.stats.target_calls += 1
+            row.stats.draft_calls += useful
+            row.stats.drafted += useful
+            row.stats.accepted += min(accepted, useful)
+            row.unseen_by_draft = proposed[k - 1 : k] if accepted == k else []
+            emitted = proposed[:accepted] + proposed[-1:]
+            row.newest = emitted[-1]
+            done = row.stats.generated + len(emitted) >= max_tokens
+            for value in emitted[:left]:
+                row.stats.generated += 1
+                row.stats.seconds = time.perf_counter() - row.began
+                yield row.index, value
+                if value == target.eos_token_id:
+                    done = True
+                    break
+            if done:
+                finished.append(slot)
+        caches[0].trim([k - accepted for accepted, *_ in table])
+        if k > 0:
+            caches[1].trim([k - 1 - accepted if accepted < k else 0 for accepted, *_ in table])
+        rows, caches = refill(rows, caches, finished, admit)
+
+
+def refill(rows, caches, finished, admit):
+    """Replace finished rows with waiting prompts; drop the rest of the finished rows."""
+    if not finished:
+        return rows, caches
+    newcomers, fresh = admit(len(finished))
+    for slot, row in zip(finished, newcomers):
+        rows[slot] = row
+    if fresh is not None:
+        for cache, new in zip(caches, fresh):
+            cache.replace_rows(finished[: len(newcomers)], new)
+    keep = [slot for slot in range(len(rows)) if slot not in finished[len(newcomers) :]]
+    if not keep:
+        return [], caches
+    if len(keep) < len(rows):
+        rows = [rows[slot] for slot in keep]
+        for cache in caches:
+            cache.keep_rows(keep)
+    return rows, caches
 
 
 def speculative_generate(
     target, draft, prompt_ids, max_tokens, num_draft=5, delta=0.0, sampling=Sampling(), stats=None
 ):
-    """Speculative decoding: yield the target's tokens, several per target call.
-
-    After every step both caches hold exactly the emitted tokens except the newest,
-    which is the next step's input. When every draft was accepted the draft has not
-    seen its own last proposal, so it is fed that one too.
-    """
+    """Speculative decoding of one prompt: yield the target's tokens, several per target call."""
     stats = stats if stats is not None else Stats()
-    began = time.perf_counter()
-    target_cache, draft_cache = start(target, prompt_ids), start(draft, prompt_ids)
-    newest = [target.decoder_start_token_id]
-    unseen_by_draft = []
-    while stats.generated < max_tokens:
-        # A step emits at most k + 1 tokens: draft no more than the budget can use.
-        k = min(num_draft, max_tokens - stats.generated - 1)
-        target_inputs = mx.array(newest)
-        if k > 0:
-            drafts, q = draft_tokens(draft, draft_cache, mx.array(unseen_by_draft + newest), k, sampling)
-            target_inputs = mx.concatenate([target_inputs, drafts])
-        else:
-            drafts, q = mx.zeros((0,), mx.int32), None
-        logits = target.decode(target_inputs[None], target_cache)[0]
-        if sampling.greedy:
-            count, token = greedy_accept(logits, drafts, delta)
-        else:
-            q = q if q is not None else mx.zeros((0, logits.shape[-1]))
-            count, token = sampled_accept(distribution(logits, sampling), q, drafts, delta)
-        accepted, *proposed = mx.concatenate([count[None], drafts, token[None]]).astype(mx.int32).tolist()
-        emitted = proposed[:accepted] + proposed[-1:]
-
-        stats.target_calls += 1
-        stats.draft_calls += k
-        stats.drafted += k
-        stats.accepted += accepted
-        target_cache.trim(k - accepted)
-        if accepted == k:
-            unseen_by_draft = proposed[k - 1 : k]
-        else:
-            draft_cache.trim(k - 1 - accepted)
-            unseen_by_draft = []
-        newest = emitted[-1:]
-
-        for value in emitted[: max_tokens - stats.generated]:
-            stats.generated += 1
-            stats.seconds = time.perf_counter() - began
-            yield value
-            if value == target.eos_token_id:
-                return
+    for _, token in speculative_batch(target, draft, [prompt_ids], max_tokens, num_draft, delta, sampling, 1, [stats]):
+        yield token

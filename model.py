@@ -218,12 +218,11 @@ class Decoder(nn.Module):
         self.layers = [DecoderLayer(args) for _ in range(args.num_decoder_layers)]
         self.final_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
 
-    def __call__(self, x, cache):
-        query_positions, key_positions = cache.reserve(x.shape[1])
+    def __call__(self, x, cache, padding=None):
+        query_positions, key_positions = cache.reserve(x.shape[1], padding)
         bias = self.position_bias(query_positions, key_positions)
         for index, layer in enumerate(self.layers):
             x = layer(x, bias, cache, index)
-        cache.advance(x.shape[1])
         return self.final_norm(x)
 
 
@@ -235,56 +234,64 @@ class Cache:
     length (the number of tokens it has decoded) and the logical position of every slot,
     so rows can drop different numbers of tokens: the tail common to all rows is cut by
     moving `offset`, the rest is hidden by giving those slots HIDDEN_POSITION. Nothing is
-    copied. Cross-attention keys/values are computed once, at construction.
+    copied then; `compact` squeezes hidden slots out once they make up most of the cache.
+    Cross-attention keys/values (and the encoder padding mask) are computed once per
+    prompt, at construction or when `replace_rows` puts new prompts in.
     """
 
     step = 256
 
     def __init__(self, cross, mask=None):
         self.cross = cross
+        self.batch, _, self.memory_length, _ = cross[0][0].shape
         self.cross_mask = additive_mask(mask)
-        self.batch = cross[0][0].shape[0]
         self.keys = [None] * len(cross)
         self.values = [None] * len(cross)
         self.positions = mx.full((self.batch, 0), HIDDEN_POSITION, dtype=mx.int32)
         self.offset = 0
+        self.write_at = 0
         self.lengths = np.zeros(self.batch, dtype=np.int64)
 
-    def _grow(self, needed):
-        """Extend every buffer by whole steps so `needed` more slots fit."""
-        extra = self.step * ((needed + self.step - 1) // self.step)
-        self.positions = mx.concatenate(
-            [self.positions[:, : self.offset], mx.full((self.batch, extra), HIDDEN_POSITION, dtype=mx.int32)], axis=1
-        )
-        for i, (k, _) in enumerate(self.cross):
-            shape = (self.batch, k.shape[1], extra, k.shape[3])
-            if self.keys[i] is None:
-                self.keys[i] = mx.zeros(shape, k.dtype)
-                self.values[i] = mx.zeros(shape, k.dtype)
-            else:
-                self.keys[i] = mx.concatenate([self.keys[i][..., : self.offset, :], mx.zeros(shape, k.dtype)], axis=2)
-                self.values[i] = mx.concatenate(
-                    [self.values[i][..., : self.offset, :], mx.zeros(shape, k.dtype)], axis=2
-                )
+    def _resize(self, capacity, slots=None):
+        """Buffers of `capacity` slots holding the current ones' slots (or the `slots` chosen per row)."""
+        used = self.offset if slots is None else slots.shape[1]
+        extra = capacity - used
 
-    def reserve(self, count):
-        """Claim `count` slots for new tokens; return (query, key) positions, each (batch, n)."""
+        def resized(buffer, fill):
+            kept = buffer[..., :used, :] if slots is None else mx.take_along_axis(buffer, slots[:, None, :, None], 2)
+            shape = (*buffer.shape[:2], extra, buffer.shape[3])
+            return mx.concatenate([kept, mx.full(shape, fill, buffer.dtype)], axis=2)
+
+        self.positions = resized(self.positions[:, None, :, None], HIDDEN_POSITION)[:, 0, :, 0]
+        for i, (k, _) in enumerate(self.cross):
+            if self.keys[i] is None:
+                self.keys[i] = self.values[i] = mx.zeros((self.batch, k.shape[1], 0, k.shape[3]), k.dtype)
+            self.keys[i] = resized(self.keys[i], 0)
+            self.values[i] = resized(self.values[i], 0)
+
+    def reserve(self, count, padding=None):
+        """Claim `count` slots for new tokens; return (query, key) positions, each (batch, n).
+
+        padding (batch,) says how many of each row's new tokens are leading filler:
+        their slots are hidden and they do not count towards the row's length.
+        """
+        padding = np.zeros(self.batch, dtype=np.int64) if padding is None else np.asarray(padding)
         if self.offset + count > self.positions.shape[1]:
-            self._grow(self.offset + count - self.positions.shape[1])
-        queries = mx.array(self.lengths[:, None] + np.arange(count), dtype=mx.int32)
-        self.positions[:, self.offset : self.offset + count] = queries
-        return queries, self.positions[:, : self.offset + count]
+            self._resize(self.step * -(-(self.offset + count) // self.step))
+        steps = np.arange(count)
+        queries = self.lengths[:, None] - padding[:, None] + steps
+        keys = np.where(steps < padding[:, None], HIDDEN_POSITION, queries)
+        self.positions[:, self.offset : self.offset + count] = mx.array(keys, dtype=mx.int32)
+        self.write_at = self.offset
+        self.offset += count
+        self.lengths = self.lengths + count - padding
+        return mx.array(queries, dtype=mx.int32), self.positions[:, : self.offset]
 
     def store(self, index, keys, values):
         """Write one layer's new keys/values at the claimed slots; return all in use."""
-        end = self.offset + keys.shape[2]
-        self.keys[index][..., self.offset : end, :] = keys
-        self.values[index][..., self.offset : end, :] = values
-        return self.keys[index][..., :end, :], self.values[index][..., :end, :]
-
-    def advance(self, count):
-        self.offset += count
-        self.lengths += count
+        self.keys[index][..., self.write_at : self.offset, :] = keys
+        self.values[index][..., self.write_at : self.offset, :] = values
+        return self.keys[index][..., : self.offset, :], self.values[index][..., : self.offset, :]
 
     def trim(self, counts):
         """Forget the last `counts` tokens: one int for every row, or one per row."""
@@ -297,6 +304,57 @@ class Cache:
             slots = mx.arange(self.offset, dtype=mx.int32)[None]
             window = self.positions[:, : self.offset]
             self.positions[:, : self.offset] = mx.where(slots >= first_hidden, HIDDEN_POSITION, window)
+        if self.offset > 2 * self.lengths.max() + self.step:
+            self.compact()
+
+    def compact(self):
+        """Move each row's live slots to the front, in order, so hidden ones stop costing."""
+        positions = np.array(self.positions[:, : self.offset])
+        width = int(self.lengths.max())
+        slots = np.zeros((self.batch, width), dtype=np.int64)
+        for row, live in enumerate(positions != HIDDEN_POSITION):
+            found = np.flatnonzero(live)
+            slots[row, : len(found)] = found
+        self._resize(self.step * -(-width // self.step) + self.step, mx.array(slots))
+        # Rows shorter than the widest were filled with copies of slot 0: hide those.
+        filler = np.arange(width)[None] >= self.lengths[:, None]
+        self.positions[:, :width] = mx.where(mx.array(filler), HIDDEN_POSITION, self.positions[:, :width])
+        self.offset = width
+
+    def _padded_cross(self, length):
+        """Cross keys/values and additive mask widened to `length` encoder positions."""
+        extra = length - self.memory_length
+        mask = self.cross_mask if self.cross_mask is not None else mx.zeros((self.batch, 1, 1, self.memory_length))
+        if extra == 0:
+            return self.cross, mask
+        pad = [(0, 0), (0, 0), (0, extra), (0, 0)]
+        cross = [(mx.pad(k, pad), mx.pad(v, pad)) for k, v in self.cross]
+        return cross, mx.pad(mask, [(0, 0), (0, 0), (0, 0), (0, extra)], constant_values=-mx.inf)
+
+    def replace_rows(self, rows, fresh):
+        """Put the prompts of `fresh` (a new cache, one row each) in place of `rows`."""
+        length = max(self.memory_length, fresh.memory_length)
+        mine, mask = self._padded_cross(length)
+        theirs, their_mask = fresh._padded_cross(length)
+        index = mx.array(rows)
+        for (k, v), (new_k, new_v) in zip(mine, theirs):
+            k[index] = new_k
+            v[index] = new_v
+        mask[index] = their_mask
+        self.cross, self.cross_mask, self.memory_length = mine, mask, length
+        self.positions[index] = HIDDEN_POSITION
+        self.lengths[np.asarray(rows)] = 0
+
+    def keep_rows(self, rows):
+        """Drop every row not in `rows`."""
+        index = mx.array(rows)
+        self.cross = [(k[index], v[index]) for k, v in self.cross]
+        self.cross_mask = None if self.cross_mask is None else self.cross_mask[index]
+        self.keys = [None if k is None else k[index] for k in self.keys]
+        self.values = [None if v is None else v[index] for v in self.values]
+        self.positions = self.positions[index]
+        self.lengths = self.lengths[np.asarray(rows)]
+        self.batch = len(rows)
 
 
 class T5(nn.Module):
@@ -330,9 +388,12 @@ class T5(nn.Module):
         cross = [layer.cross_attn.keys_values(memory) for layer in self.decoder.layers]
         return Cache(cross, mask)
 
-    def decode(self, tokens, cache):
-        """Logits (batch, len(tokens), vocab) for new tokens; the cache advances past them."""
-        h = self.decoder(self.shared(tokens), cache)
+    def decode(self, tokens, cache, padding=None):
+        """Logits (batch, len(tokens), vocab) for new tokens; the cache advances past them.
+
+        padding (batch,), if given, counts leading filler tokens per row (see Cache.reserve).
+        """
+        h = self.decoder(self.shared(tokens), cache, padding)
         if self.args.scale_decoder_outputs:
             h = h * self.args.d_model**-0.5
         if self.args.tie_word_embeddings:
