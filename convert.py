@@ -1,0 +1,301 @@
+"""Convert a Hugging Face T5 checkpoint (hub id or local folder) into MLX weights.
+
+    python convert.py --model t5-small [--mlx-path DIR] [--dtype float32|bfloat16|float16]
+
+Tensors are read, renamed, cast and written one at a time, so peak memory stays near
+one output shard. The output is written to a temporary folder and renamed at the end.
+"""
+
+import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MAX_SHARD_BYTES = 5 << 30
+# Hugging Face name -> MLX name. Block 0 carries the relative position bias of its stack.
+RENAMES = [
+    (r"(en|de)coder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias", r"\1coder.position_bias"),
+    (r"(en|de)coder\.final_layer_norm", r"\1coder.final_norm"),
+    (r"(en|de)coder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])", r"\1coder.layers.\2.self_attn.\3"),
+    (r"(en|de)coder\.block\.(\d+)\.layer\.0\.layer_norm", r"\1coder.layers.\2.self_attn_norm"),
+    (r"decoder\.block\.(\d+)\.layer\.1\.EncDecAttention\.([qkvo])", r"decoder.layers.\1.cross_attn.\2"),
+    (r"decoder\.block\.(\d+)\.layer\.1\.layer_norm", r"decoder.layers.\1.cross_attn_norm"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)", r"encoder.layers.\1.ffn.\2"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm", r"encoder.layers.\1.ffn_norm"),
+    (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.(wi|wi_0|wi_1|wo)", r"decoder.layers.\1.ffn.\2"),
+    (r"decoder\.block\.(\d+)\.layer\.2\.layer_norm", r"decoder.layers.\1.ffn_norm"),
+    (r"(shared|lm_head)", r"\1"),
+]
+# Copies of `shared`, and a bias some old checkpoints carry that T5 never uses.
+DROPPED = re.compile(r"(en|de)coder\.embed_tokens\.weight|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")
+
+
+class ConvertError(Exception):
+    """Input that cannot be converted; main() prints it as one line."""
+
+
+def mlx_name(hf_name):
+    """The MLX parameter name of a Hugging Face T5 tensor, None for dropped duplicates."""
+    if DROPPED.fullmatch(hf_name):
+        return None
+    for pattern, replacement in RENAMES:
+        match = re.fullmatch(pattern + r"\.weight", hf_name)
+        if match:
+            return match.expand(replacement) + ".weight"
+    raise ConvertError(f"unexpected tensor '{hf_name}': not a T5 checkpoint?")
+
+
+def fetch(name):
+    """A local checkpoint folder, or the files of hub id `name` downloaded with huggingface_hub."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
+        raise ConvertError(f"no checkpoint folder at '{name}'")
+    try:
+        from huggingface_hub import list_repo_files, logging, snapshot_download
+
+        logging.set_verbosity_error()  # its retry warnings would bury the one-line error
+        files = list_repo_files(name)
+        weights = ["*.safetensors", "*.safetensors.index.json"]
+        if not any(f.endswith(".safetensors") for f in files):
+            weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+        return Path(snapshot_download(name, allow_patterns=["config.json", *TOKENIZER_FILES, *weights]))
+    except Exception as error:  # the hub raises many kinds; all mean the same to a user
+        raise ConvertError(f"could not fetch '{name}' from the Hugging Face hub: {error}".splitlines()[0]) from None
+
+
+def read_config(folder):
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{folder} has no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConvertError(f"{path} is not valid JSON: {error}") from None
+    if config.get("model_type") != "t5":
+        raise ConvertError(f"{path} describes model_type '{config.get('model_type')}', not 't5'")
+    return config
+
+
+def weight_files(folder):
+    """The checkpoint's weight files, in the order their index (if any) lists them."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise ConvertError(f"{folder / index} is not a valid index: {error}") from None
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ConvertError(f"{folder} lacks shard {missing[0]} named in {index}")
+            return files
+        if (folder / single).is_file():
+            return [folder / single]
+    raise ConvertError(f"{folder} has no model.safetensors or pytorch_model.bin weights")
+
+
+def safetensors_header(path):
+    """(header dict, offset of the data) of a safetensors file, checked against its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path.name} is not a valid safetensors file")
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + length + end > size:
+        raise ConvertError(f"{path.name} is truncated ({size} bytes, its header needs {8 + length + end})")
+    return header, 8 + length
+
+
+def read_safetensors(path):
+    """Yield (name, mx.array) from a safetensors file, one tensor in memory at a time."""
+    header, base = safetensors_header(path)
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ConvertError(f"{path.name}: tensor '{name}' has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            data = np.frombuffer(f.read(end - start), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            array = mx.array(data.reshape(info["shape"]))
+            # numpy has no bfloat16: carry its bits as uint16 and reinterpret them in MLX.
+            yield name, array.view(mx.bfloat16) if info["dtype"] == "BF16" else array
+
+
+def read_torch(path):
+    """Yield (name, mx.array) from a pytorch_model*.bin file (needs torch)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"{path.name} is a PyTorch file: install torch to convert it") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # torch raises several kinds for a damaged file
+        raise ConvertError(f"{path.name} could not be read: {error}".splitlines()[0]) from None
+    for name, tensor in state.items():
+        yield name, mx.array(tensor.float().numpy())
+
+
+def tensor_count(files):
+    """How many tensors the files hold (None when only loading them would tell)."""
+    if any(f.suffix != ".safetensors" for f in files):
+        return None
+    return sum(len(safetensors_header(f)[0]) for f in files)
+
+
+def read_tensors(files):
+    for file in files:
+        yield from (read_safetensors(file) if file.suffix == ".safetensors" else read_torch(file))
+
+
+def expected_shapes(config):
+    """MLX parameter names and shapes the config implies (a lazy model: nothing is allocated)."""
+    from mlx.utils import tree_flatten
+
+    import model
+
+    args = model.ModelArgs.from_config(dict(config, tie_word_embeddings=True))
+    return {name: tuple(p.shape) for name, p in tree_flatten(model.T5(args).parameters())}
+
+
+class ShardWriter:
+    """Collects tensors and writes a safetensors shard whenever `max_bytes` is reached."""
+
+    def __init__(self, folder, max_bytes):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending, self.pending_bytes, self.shards = {}, 0, []
+
+    def add(self, name, array):
+        if self.pending and self.pending_bytes + array.nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = array
+        self.pending_bytes += array.nbytes
+
+    def flush(self):
+        path = self.folder / f"shard-{len(self.shards)}.safetensors"
+        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self):
+        """Name the shards as Hugging Face does, with an index when there are several."""
+        if self.pending or not self.shards:
+            self.flush()
+        if len(self.shards) == 1:
+            os.replace(self.folder / "shard-0.safetensors", self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            file = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(self.folder / f"shard-{i}.safetensors", self.folder / file)
+            weight_map.update(dict.fromkeys(names, file))
+        total = sum((self.folder / f).stat().st_size for f in set(weight_map.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def convert_weights(files, config, out, dtype, max_shard_bytes):
+    """Write the renamed, cast tensors to `out`; return whether lm_head is tied to shared."""
+    expected = expected_shapes(config)
+    writer = ShardWriter(out, max_shard_bytes)
+    seen, shared, head = set(), None, None
+    for hf_name, array in tqdm(read_tensors(files), total=tensor_count(files), desc="tensors", unit="tensor",
+                               file=sys.stderr):
+        name = mlx_name(hf_name)
+        if name is None or name in seen:
+            continue
+        if name != "lm_head.weight" and expected.get(name) != tuple(array.shape):
+            raise ConvertError(f"tensor '{hf_name}' has shape {tuple(array.shape)}, config implies {expected.get(name)}")
+        seen.add(name)
+        if name == "lm_head.weight":
+            head = array  # kept until `shared` is known: a copy of it means a tied head
+            continue
+        if name == "shared.weight":
+            shared = array
+        array = array.astype(dtype)
+        mx.eval(array)
+        writer.add(name, array)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ConvertError(f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. '{missing[0]}'")
+    tied = head is None or bool(mx.array_equal(head, shared))
+    if not tied:
+        if tuple(head.shape) != expected["shared.weight"]:
+            raise ConvertError(f"lm_head has shape {tuple(head.shape)}, expected {expected['shared.weight']}")
+        writer.add("lm_head.weight", head.astype(dtype))
+    writer.finish()
+    return tied
+
+
+def output_config(config, tied):
+    """The source config plus the two facts the MLX loader reads explicitly."""
+    # transformers 5 writes scale_decoder_outputs; older files say tie_word_embeddings: false.
+    scale = config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True))
+    return dict(config, tie_word_embeddings=tied, scale_decoder_outputs=bool(scale))
+
+
+def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BYTES):
+    """Convert checkpoint `source` (hub id or folder) into `mlx_path`; return that folder."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    folder = fetch(source)
+    config = read_config(folder)
+    files = weight_files(folder)
+    destination = Path(mlx_path or Path("mlx_models") / source.rstrip("/").split("/")[-1])
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        tied = convert_weights(files, config, staging, DTYPES[dtype], max_shard_bytes)
+        (staging / "config.json").write_text(json.dumps(output_config(config, tied), indent=2))
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, staging / name)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Convert a Hugging Face T5 checkpoint to MLX.")
+    parser.add_argument("--model", required=True, help="hub id (t5-small, google/flan-t5-large) or local folder")
+    parser.add_argument("--mlx-path", help="output folder (default: mlx_models/<last part of --model>)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
+    args = parser.parse_args()
+    if args.dtype == "float16":
+        print("warning: large T5 checkpoints overflow in float16 (feed-forward activations); "
+              "prefer bfloat16 or float32", file=sys.stderr)
+    try:
+        path = convert(args.model, args.mlx_path, args.dtype)
+    except ConvertError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Offline T5 checkpoints: a tokenizer trained on local text and random weights.
+
+Used by the tests and by benchmark.py, so that everything runs with no model hub. The
+checkpoints are written in Hugging Face's format (config.json, safetensors or
+pytorch_model.bin, tokenizer files), exactly what convert.py reads from the hub.
+"""
+
+import inspect
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# Standard-library modules whose docstrings are the tokenizer's training text.
+CORPUS_MODULES = (
+    "argparse", "collections", "csv", "dataclasses", "datetime", "decimal", "email", "fractions",
+    "functools", "heapq", "http.client", "inspect", "json", "logging", "pathlib", "random",
+    "statistics", "string", "textwrap", "typing", "unittest", "urllib.parse", "zipfile",
+)
+EXTRA_IDS = 100
+CACHE = Path(tempfile.gettempdir()) / "t5-speculative-synthetic"
+
+
+def corpus_sentences():
+    """Lines of the docstrings of CORPUS_MODULES, in a fixed order."""
+    import importlib
+
+    lines = []
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        for _, member in sorted(inspect.getmembers(module), key=lambda item: item[0]):
+            doc = inspect.getdoc(member) if inspect.isfunction(member) or inspect.isclass(member) else None
+            lines.extend(line.strip() for line in (doc or "").splitlines() if len(line.strip()) > 20)
+    return lines
+
+
+def train_tokenizer(folder, vocab_size=1000):
+    """Write a T5 tokenizer (sentencepiece unigram: pad 0, eos 1, unk 2) into `folder`."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import T5Tokenizer
+
+    cached = CACHE / f"tokenizer-{vocab_size}"
+    if not (cached / "spiece.model").is_file():
+        proto = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus_sentences()), model_writer=proto, vocab_size=vocab_size,
+            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+            minloglevel=2,
+        )
+        model = sentencepiece_model_pb2.ModelProto.FromString(proto.getvalue())
+        vocab = [(piece.piece, piece.score) for piece in model.pieces]
+        vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(EXTRA_IDS))]
+        tokenizer = T5Tokenizer(
+            vocab=vocab, extra_ids=EXTRA_IDS,
+            _spm_precompiled_charsmap=model.normalizer_spec.precompiled_charsmap,
+        )
+        staging = Path(tempfile.mkdtemp(dir=CACHE.parent if CACHE.exists() else None))
+        tokenizer.save_pretrained(str(staging))
+        (staging / "spiece.model").write_bytes(proto.getvalue())
+        CACHE.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.rename(cached)
+        except OSError:  # another process cached it first
+            pass
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in cached.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    return len(vocab_entries(cached))
+
+
+def vocab_entries(folder):
+    """The tokenizer's vocabulary, as listed in its tokenizer.json."""
+    return json.loads((Path(folder) / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def t5_config(vocab_size, gated=False, **overrides):
+    """A Hugging Face T5 config: v1 (relu, tied head) or v1.1 (gated-gelu, untied)."""
+    config = dict(
+        model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=vocab_size,
+        d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+        layer_norm_epsilon=1e-6, initializer_factor=1.0, dropout_rate=0.0, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=True,
+    )
+    config.update(overrides)
+    return config
+
+
+def layer_shapes(config, stack, index):
+    """Hugging Face names and shapes of one encoder or decoder block, with init std factors."""
+    d, inner, ff = config["d_model"], config["num_heads"] * config["d_kv"], config["d_ff"]
+    prefix = f"{stack}.block.{index}.layer"
+    attention = ["SelfAttention"] + (["EncDecAttention"] if stack == "decoder" else [])
+    shapes = {}
+    for i, name in enumerate(attention):
+        shapes[f"{prefix}.{i}.{name}.q.weight"] = ((inner, d), (d * config["d_kv"]) ** -0.5)
+        shapes[f"{prefix}.{i}.{name}.k.weight"] = ((inner, d), d**-0.5)
+        shapes[f"{prefix}.{i}.{name}.v.weight"] = ((inner, d), d**-0.5)
+        shapes[f"{prefix}.{i}.{name}.o.weight"] = ((d, inner), inner**-0.5)
+        shapes[f"{prefix}.{i}.layer_norm.weight"] = ((d,), None)
+    ffn = f"{prefix}.{len(attention)}"
+    inputs = ["wi_0", "wi_1"] if config["feed_forward_proj"].startswith("gated") else ["wi"]
+    for name in inputs:
+        shapes[f"{ffn}.DenseReluDense.{name}.weight"] = ((ff, d), d**-0.5)
+    shapes[f"{ffn}.DenseReluDense.wo.weight"] = ((d, ff), ff**-0.5)
+    shapes[f"{ffn}.layer_norm.weight"] = ((d,), None)
+    if index == 0:
+        buckets = config["relative_attention_num_buckets"]
+        shapes[f"{prefix}.0.SelfAttention.relative_attention_bias.weight"] = ((buckets, config["num_heads"]), d**-0.5)
+    return shapes
+
+
+def random_weights(config, seed=0):
+    """Float32 weights in Hugging Face's names, drawn as transformers initialises T5.
+
+    Norm weights are drawn near 1 rather than set to 1, so a test notices a dropped norm.
+    """
+    rng = np.random.default_rng(seed)
+    factor = config["initializer_factor"]
+    d = config["d_model"]
+    shapes = {"shared.weight": ((config["vocab_size"], d), 1.0)}
+    for stack, count in (("encoder", config["num_layers"]), ("decoder", config["num_decoder_layers"])):
+        for index in range(count):
+            shapes.update(layer_shapes(config, stack, index))
+        shapes[f"{stack}.final_layer_norm.weight"] = ((d,), None)
+    if not config.get("tie_word_embeddings", True):
+        shapes["lm_head.weight"] = ((config["vocab_size"], d), 1.0)
+    weights = {}
+    for name, (shape, std) in shapes.items():
+        if std is None:
+            weights[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            weights[name] = (factor * std * rng.standard_normal(shape)).astype(np.float32)
+    return weights
+
+
+def save_checkpoint(folder, config, weights, shards=1, fmt="safetensors"):
+    """Write a Hugging Face checkpoint: config, tokenizer files, and weights in `shards` files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    names = list(weights)
+    groups = [names[i::shards] for i in range(shards)]
+    stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    files = [f"{stem}.{suffix}"] if shards == 1 else [f"{stem}-{i + 1:05d}-of-{shards:05d}.{suffix}" for i in range(shards)]
+    for file, group in zip(files, groups):
+        write_weights(folder / file, {name: weights[name] for name in group}, fmt)
+    if shards > 1:
+        index = {
+            "metadata": {"total_size": int(sum(w.nbytes for w in weights.values()))},
+            "weight_map": {name: file for file, group in zip(files, groups) for name in group},
+        }
+        (folder / f"{stem}.{suffix}.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_weights(path, weights, fmt):
+    if fmt == "safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(weights, str(path), metadata={"format": "pt"})
+    else:
+        import torch
+
+        torch.save({name: torch.from_numpy(array) for name, array in weights.items()}, str(path))
+
+
+def speculative_pair(folder, draft_layers=2, target_layers=24, d_model=512, eps=0.05, seed=0, **overrides):
+    """Save a draft and a target whose agreement eps controls; return their folders.
+
+    The target copies the draft's embeddings, position biases, norms and layers, and
+    adds target_layers - draft_layers random layers after them, in the encoder and the
+    decoder, whose attention-output and feed-forward-output weights are scaled by eps.
+    At eps 0 the target computes the draft's function exactly.
+    """
+    folder = Path(folder)
+    vocab = train_tokenizer(folder / "tokenizer")
+    settings = dict(d_model=d_model, d_kv=d_model // 8, num_heads=8, d_ff=4 * d_model)
+    settings.update(overrides)
+    draft_config = t5_config(vocab, num_layers=draft_layers, num_decoder_layers=draft_layers, **settings)
+    target_config = dict(draft_config, num_layers=target_layers, num_decoder_layers=target_layers)
+    draft = random_weights(draft_config, seed)
+    target = random_weights(target_config, seed + 1)
+    target.update(draft)  # the shared layers, embeddings, biases and final norms
+    for name in target:
+        layer = name.split(".")[2] if ".block." in name else None
+        output = name.endswith((".o.weight", ".wo.weight"))
+        if layer is not None and int(layer) >= draft_layers and output:
+            target[name] = target[name] * np.float32(eps)
+    return save_checkpoint(folder / "draft", draft_config, draft), save_checkpoint(folder / "target", target_config, target)
