@@ -137,7 +137,7 @@ def start(model, prompts):
 def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
     """Plain decoding: yield the model's tokens one by one until EOS or max_tokens."""
     stats = stats if stats is not None else Stats()
-    began = time.perf_counter()
+    began = time.perf_counter() - stats.seconds  # stats accumulate across calls
     cache = start(model, [prompt_ids])
 
     def step(token):
@@ -170,6 +170,7 @@ class Row:
     began: float
     key: mx.array
     unseen_by_draft: list = field(default_factory=list)
+    generated: int = 0
 
     def next_key(self):
         self.key, key = mx.random.split(self.key)
@@ -243,12 +244,14 @@ def speculative_batch(
         rows = []
         for i in indices:
             seed = mx.random.randint(0, 2**31 - 1, ()).item()
-            rows.append(Row(i, target.decoder_start_token_id, stats[i], now, mx.random.key(seed)))
+            # Stats accumulate across calls: time counts on from what they hold.
+            began = now - stats[i].seconds
+            rows.append(Row(i, target.decoder_start_token_id, stats[i], began, mx.random.key(seed)))
         return rows, [start(m, [prompts[i] for i in indices]) for m in models]
 
     rows, caches = admit(batch_size)
     while rows:
-        remaining = [max_tokens - row.stats.generated for row in rows]
+        remaining = [max_tokens - row.generated for row in rows]
         k = 0 if draft is None else min(num_draft, max(remaining) - 1)
         newest = mx.array([[row.newest] for row in rows])
         drafts, q = mx.zeros((len(rows), 0), mx.int32), None
@@ -269,8 +272,9 @@ def speculative_batch(
             row.unseen_by_draft = proposed[k - 1 : k] if accepted == k else []
             emitted = proposed[:accepted] + proposed[-1:]
             row.newest = emitted[-1]
-            done = row.stats.generated + len(emitted) >= max_tokens
+            done = len(emitted) >= left
             for value in emitted[:left]:
+                row.generated += 1
                 row.stats.generated += 1
                 row.stats.seconds = time.perf_counter() - row.began
                 yield row.index, value

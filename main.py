@@ -1,0 +1,185 @@
+"""Generate with speculative decoding from the command line.
+
+    python main.py --num-draft 5 --delta 0.1 --prompt "translate English to German: ..."
+"""
+
+import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
+
+import argparse
+import json
+import sys
+import time
+
+import mlx.core as mx
+
+import decoder
+import model
+
+DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
+
+
+class UsageError(Exception):
+    """A bad command-line value; printed as one line, exit code 2."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
+    parser.add_argument("--model", default="t5-11b", help="target: converted folder or name under mlx_models/")
+    parser.add_argument("--draft-model", default="t5-small", help="draft: converted folder or name under mlx_models/")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--prompt-file", help='JSON lines, each an object with a "prompt" field')
+    parser.add_argument("--num-draft", type=int, default=5, help="draft tokens per step (>= 1)")
+    parser.add_argument("--delta", type=float, default=0.0, help="acceptance relaxation in [0, 1]; 0 is exact")
+    parser.add_argument("--max-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of mass top-p")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
+    parser.add_argument("--regular-decode", action="store_true", help="plain decoding with the target only")
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
+    return parser.parse_args(argv)
+
+
+def check(args):
+    """Raise UsageError for the first value out of range."""
+    rules = [
+        (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
+        (0.0 <= args.delta <= 1.0, f"--delta must lie in [0, 1], got {args.delta}"),
+        (args.temperature >= 0.0, f"--temperature must not be negative, got {args.temperature}"),
+        (0.0 < args.top_p <= 1.0, f"--top-p must lie in (0, 1], got {args.top_p}"),
+        (args.top_k >= 0, f"--top-k must not be negative, got {args.top_k}"),
+        (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UsageError(message)
+
+
+def read_prompts(args):
+    """The prompts to run: those of --prompt-file, else --prompt."""
+    if not args.prompt_file:
+        return [args.prompt]
+    try:
+        lines = open(args.prompt_file, encoding="utf-8").read().splitlines()
+    except OSError as error:
+        raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {error.strerror}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(str(json.loads(line)["prompt"]))
+        except (json.JSONDecodeError, TypeError, KeyError):
+            raise UsageError(f'{args.prompt_file} line {number} is not a JSON object with a "prompt" field') from None
+    if not prompts:
+        raise UsageError(f"{args.prompt_file} holds no prompts")
+    return prompts
+
+
+def load_models(args):
+    """(target, draft or None, tokenizer)."""
+    try:
+        target, tokenizer = model.load(args.model)
+        draft = None if args.regular_decode else model.load(args.draft_model)[0]
+    except model.LoadError as error:
+        raise UsageError(str(error)) from None
+    if draft is not None and draft.vocab_size != target.vocab_size:
+        raise UsageError(
+            f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)"
+        )
+    return target, draft, tokenizer
+
+
+def token_events(args, target, draft, prompt_ids, stats):
+    """(prompt index, token) as decided, for every prompt."""
+    sampling = decoder.Sampling(args.temperature, args.top_k, args.top_p)
+    if draft is None and args.batch_size == 1:
+        for i, ids in enumerate(prompt_ids):
+            for token in decoder.generate(target, ids, args.max_tokens, sampling, stats[i]):
+                yield i, token
+        return
+    yield from decoder.speculative_batch(
+        target, draft, prompt_ids, args.max_tokens, args.num_draft, args.delta, sampling, args.batch_size, stats
+    )
+
+
+def summary(stats, seconds, speculative):
+    """One line: tokens, tokens per second, acceptance, target calls."""
+    tokens = sum(s.generated for s in stats)
+    drafted = sum(s.drafted for s in stats)
+    calls = sum(s.target_calls for s in stats)
+    parts = [f"{tokens} tokens", f"{tokens / seconds if seconds else 0:.1f} tok/s"]
+    if speculative:
+        parts.append(f"acceptance {sum(s.accepted for s in stats) / drafted if drafted else 0:.2f}")
+    parts.append(f"{calls} target calls ({calls / tokens if tokens else 0:.2f} per token)")
+    return "[" + ", ".join(parts) + "]"
+
+
+def stream(events, tokenizer, stats, speculative):
+    """Print each prompt's text as its tokens are decided, then its summary."""
+    tokens, shown, current = [], "", None
+    for index, token in events:
+        if index != current:
+            if current is not None:
+                print("\n" + summary([stats[current]], stats[current].seconds, speculative), flush=True)
+            tokens, shown, current = [], "", index
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    if current is not None:
+        print("\n" + summary([stats[current]], stats[current].seconds, speculative), flush=True)
+
+
+def print_json(events, tokenizer, prompts, stats, finished):
+    """Print one JSON object per prompt, in the prompts' order, as soon as each is complete."""
+    tokens = [[] for _ in prompts]
+    following = 0
+    for index, token in events:
+        tokens[index].append(token)
+        while following < len(prompts) and finished(tokens[following]):
+            record = {
+                "prompt": prompts[following],
+                "text": tokenizer.decode(tokens[following], skip_special_tokens=True),
+                "tokens": tokens[following],
+                "stats": stats[following].as_dict(),
+            }
+            print(json.dumps(record), flush=True)
+            following += 1
+
+
+def run(args):
+    check(args)
+    prompts = read_prompts(args)
+    target, draft, tokenizer = load_models(args)
+    mx.random.seed(args.seed)
+    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    stats = [decoder.Stats() for _ in prompts]
+    began = time.perf_counter()
+    events = token_events(args, target, draft, prompt_ids, stats)
+    speculative = draft is not None
+    if args.json or args.batch_size > 1:
+        def finished(tokens):
+            return bool(tokens) and (tokens[-1] == target.eos_token_id or len(tokens) == args.max_tokens)
+
+        print_json(events, tokenizer, prompts, stats, finished)
+        # stdout stays pure JSON lines; the whole run's summary goes to stderr.
+        print(summary(stats, time.perf_counter() - began, speculative), file=sys.stderr)
+    else:
+        stream(events, tokenizer, stats, speculative)
+        if len(prompts) > 1:
+            print(summary(stats, time.perf_counter() - began, speculative))
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
