@@ -198,14 +198,16 @@ def benchmark_plain(args, target, prompt_ids, sampling):
 
 
 def batch_tokens_per_second(target, draft, prompt_ids, args, batch_size, g, sampling):
-    stats = [decoder.Stats() for _ in prompt_ids]
+    """Median tokens per second of decoding all prompts, batch_size at a time."""
+    generated = []
 
     def run():
-        list(decoder.speculative_batch(target, draft, prompt_ids, args.max_tokens, g, 0.0, sampling, batch_size,
-                                       [decoder.Stats() for _ in prompt_ids]))
+        stats = [decoder.Stats() for _ in prompt_ids]
+        list(decoder.speculative_batch(target, draft, prompt_ids, args.max_tokens, g, 0.0, sampling, batch_size, stats))
+        generated.append(sum(s.generated for s in stats))
 
-    list(decoder.speculative_batch(target, draft, prompt_ids, args.max_tokens, g, 0.0, sampling, batch_size, stats))
-    return sum(s.generated for s in stats) / median_seconds(run, args.repeats)
+    seconds = median_seconds(run, args.repeats)
+    return statistics.median(generated) / seconds
 
 
 def benchmark_batches(args, target, draft, prompt_ids, g, sampling, progress):
