@@ -28,6 +28,7 @@ from tqdm import tqdm
 import decoder
 import model
 import synthetic
+from main import UsageError, guarded, read_prompt_file, require
 
 PROMPTS = [
     "Return a new dictionary initialized from an optional positional argument and keyword arguments.",
@@ -39,10 +40,6 @@ PROMPTS = [
 # benchmark at several values: at 0.03 the greedy acceptance rate (accepted / drafted)
 # lies between 0.6 and 0.75 for num-draft 2 to 4 (per-token alpha about 0.8).
 PAIR = dict(draft_layers=2, target_layers=24, d_model=512, d_ff=1024, gated=True, eps=0.03, seed=0)
-
-
-class UsageError(Exception):
-    """A bad command-line value; printed as one line, exit code 2."""
 
 
 def parse_args(argv=None):
@@ -65,19 +62,15 @@ def parse_args(argv=None):
 
 
 def check(args):
-    rules = [
+    require([
         (all(g >= 1 for g in args.num_draft), "--num-draft values must be at least 1"),
         (args.max_tokens >= 1, "--max-tokens must be at least 1"),
         (args.repeats >= 1, "--repeats must be at least 1"),
         (args.temperature >= 0, "--temperature must not be negative"),
         (not args.batch_size or all(b >= 1 for b in args.batch_size), "--batch-size values must be at least 1"),
         ((args.model is None) == (args.draft_model is None), "give both --model and --draft-model, or neither"),
-        (not args.prompt_file or os.path.isfile(args.prompt_file), f"no prompt file {args.prompt_file}"),
         (args.layers > PAIR["draft_layers"], f"--layers must exceed the draft's {PAIR['draft_layers']}"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise UsageError(message)
+    ])
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -103,12 +96,6 @@ def synthetic_pair(eps, layers, d_model):
             convert.convert(str(source), str(root / f"mlx-{source.name}"))
     return {"target": root / "mlx-target", "draft": root / "mlx-draft",
             "hf_target": root / "hf" / "target", "hf_draft": root / "hf" / "draft"}
-
-
-def read_prompts(path):
-    if not path:
-        return PROMPTS
-    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def median_seconds(run, repeats):
@@ -338,7 +325,7 @@ def write_json(results, path):
 
 def run(args):
     check(args)
-    prompts = read_prompts(args.prompt_file)
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else PROMPTS
     folders = {"target": args.model, "draft": args.draft_model}
     if args.model is None:
         folders = synthetic_pair(args.eps, args.layers, args.d_model)
@@ -377,11 +364,7 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

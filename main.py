@@ -22,6 +22,22 @@ class UsageError(Exception):
     """A bad command-line value; printed as one line, exit code 2."""
 
 
+def require(rules):
+    """Raise UsageError with the message of the first (ok, message) rule that fails."""
+    for ok, message in rules:
+        if not ok:
+            raise UsageError(message)
+
+
+def guarded(run, args):
+    """run(args), with a UsageError printed as one line and exit code 2, never a traceback."""
+    try:
+        run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
     parser.add_argument("--model", default="t5-11b", help="target: converted folder or name under mlx_models/")
@@ -43,7 +59,7 @@ def parse_args(argv=None):
 
 def check(args):
     """Raise UsageError for the first value out of range."""
-    rules = [
+    require([
         (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
         (0.0 <= args.delta <= 1.0, f"--delta must lie in [0, 1], got {args.delta}"),
         (args.temperature >= 0.0, f"--temperature must not be negative, got {args.temperature}"),
@@ -51,20 +67,15 @@ def check(args):
         (args.top_k >= 0, f"--top-k must not be negative, got {args.top_k}"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise UsageError(message)
+    ])
 
 
-def read_prompts(args):
-    """The prompts to run: those of --prompt-file, else --prompt."""
-    if not args.prompt_file:
-        return [args.prompt]
+def read_prompt_file(path):
+    """The "prompt" fields of a JSON-lines file."""
     try:
-        lines = open(args.prompt_file, encoding="utf-8").read().splitlines()
+        lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as error:
-        raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {error.strerror}") from None
+        raise UsageError(f"cannot read --prompt-file {path}: {error.strerror}") from None
     prompts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -72,9 +83,9 @@ def read_prompts(args):
         try:
             prompts.append(str(json.loads(line)["prompt"]))
         except (json.JSONDecodeError, TypeError, KeyError):
-            raise UsageError(f'{args.prompt_file} line {number} is not a JSON object with a "prompt" field') from None
+            raise UsageError(f'{path} line {number} is not a JSON object with a "prompt" field') from None
     if not prompts:
-        raise UsageError(f"{args.prompt_file} holds no prompts")
+        raise UsageError(f"{path} holds no prompts")
     return prompts
 
 
@@ -152,7 +163,7 @@ def print_json(events, tokenizer, prompts, stats, finished):
 
 def run(args):
     check(args)
-    prompts = read_prompts(args)
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
     target, draft, tokenizer = load_models(args)
     mx.random.seed(args.seed)
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
@@ -174,11 +185,7 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":
