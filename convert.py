@@ -266,6 +266,7 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
     destination = Path(mlx_path or Path("mlx_models") / source.rstrip("/").split("/")[-1])
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise stay on the result
     try:
         tied = convert_weights(files, config, staging, DTYPES[dtype], max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(output_config(config, tied), indent=2))
