@@ -444,4 +444,7 @@ def load(path_or_name, dtype=None):
     from transformers import AutoTokenizer
 
     path = resolve(path_or_name)
+    # Without its files transformers would build a T5 tokenizer of a few placeholder pieces.
+    if not any((path / name).is_file() for name in ("tokenizer.json", "spiece.model")):
+        raise LoadError(f"{path} has no tokenizer.json or spiece.model; convert the model again")
     return load_model(path, dtype), AutoTokenizer.from_pretrained(str(path))

@@ -161,3 +161,12 @@ def test_default_dtype_is_float32_on_cpu():
         assert model.default_dtype() == mx.float32
     else:
         assert model.default_dtype() == mx.bfloat16
+
+
+def test_folder_without_tokenizer_files_is_a_load_error(tmp_path):
+    folder = tmp_path / "mlx"
+    hf_t5(tmp_path / "hf")
+    convert.convert(str(tmp_path / "hf"), str(folder))  # transformers' save_pretrained wrote no tokenizer
+    assert model.load_model(folder) is not None
+    with pytest.raises(model.LoadError, match="tokenizer"):
+        model.load(folder)
