@@ -200,3 +200,28 @@ def test_float16_warns(v1, tmp_path):
     result = run_convert("--model", str(source), "--mlx-path", str(tmp_path / "out"), "--dtype", "float16", cwd=tmp_path)
     assert result.returncode == 0
     assert "overflow" in result.stderr and "float16" in result.stderr
+
+
+@pytest.mark.parametrize("files,expected", [
+    (["config.json", "model.safetensors", "pytorch_model.bin"], "*.safetensors"),
+    (["config.json", "pytorch_model.bin", "spiece.model"], "pytorch_model*.bin"),
+])
+def test_hub_ids_download_only_the_needed_weights(v1, tmp_path, monkeypatch, files, expected):
+    """The hub path, offline: huggingface_hub's calls are replaced by a local folder."""
+    import huggingface_hub
+
+    config, weights = v1
+    local = synthetic.save_checkpoint(tmp_path / "snapshot", config, weights)
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    out = convert.convert("google/flan-t5-tiny")
+    assert asked["repo_id"] == "google/flan-t5-tiny"
+    assert expected in asked["patterns"] and "config.json" in asked["patterns"]
+    assert out == convert.Path("mlx_models/flan-t5-tiny") and (tmp_path / out / "model.safetensors").is_file()
