@@ -186,11 +186,12 @@ class DecoderLayer(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-def additive_mask(mask):
-    """(batch, keys) 1/0 padding mask -> additive (batch, 1, 1, keys), or None."""
+def additive_mask(mask, dtype):
+    """(batch, keys) 1/0 padding mask -> additive (batch, 1, 1, keys) of `dtype`, or None."""
     if mask is None:
         return None
-    return mx.where(mask.astype(mx.bool_), 0.0, -mx.inf)[:, None, None, :]
+    # Attention wants the mask in its own dtype (bfloat16 on a GPU).
+    return mx.where(mask.astype(mx.bool_), 0.0, -mx.inf).astype(dtype)[:, None, None, :]
 
 
 class Encoder(nn.Module):
@@ -203,7 +204,7 @@ class Encoder(nn.Module):
     def __call__(self, x, mask=None):
         positions = mx.arange(x.shape[1])[None]
         bias = self.position_bias(positions, positions)
-        padding = additive_mask(mask)
+        padding = additive_mask(mask, bias.dtype)
         if padding is not None:
             bias = bias + padding
         for layer in self.layers:
@@ -244,7 +245,7 @@ class Cache:
     def __init__(self, cross, mask=None):
         self.cross = cross
         self.batch, _, self.memory_length, _ = cross[0][0].shape
-        self.cross_mask = additive_mask(mask)
+        self.cross_mask = additive_mask(mask, cross[0][0].dtype)
         self.keys = [None] * len(cross)
         self.values = [None] * len(cross)
         self.positions = mx.full((self.batch, 0), HIDDEN_POSITION, dtype=mx.int32)
@@ -324,7 +325,8 @@ class Cache:
     def _padded_cross(self, length):
         """Cross keys/values and additive mask widened to `length` encoder positions."""
         extra = length - self.memory_length
-        mask = self.cross_mask if self.cross_mask is not None else mx.zeros((self.batch, 1, 1, self.memory_length))
+        dtype = self.cross[0][0].dtype
+        mask = self.cross_mask if self.cross_mask is not None else mx.zeros((self.batch, 1, 1, self.memory_length), dtype)
         if extra == 0:
             return self.cross, mask
         pad = [(0, 0), (0, 0), (0, extra), (0, 0)]

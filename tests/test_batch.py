@@ -87,3 +87,18 @@ def test_rows_sample_from_their_own_streams(load_pair):
         firsts.extend(tokens[0] for tokens in outputs)
     assert len(set(map(tuple, outputs))) > 1
     assert_follows(np.array(firsts), expected)
+
+
+def test_bfloat16_batches_run_like_a_gpu_would(pair_dirs):
+    """bfloat16 is the default on a GPU: padded masks and refills must keep that dtype."""
+    target_dir, draft_dir = pair_dirs(OFTEN)
+    target, draft = model.load_model(target_dir, mx.bfloat16), model.load_model(draft_dir, mx.bfloat16)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    prompts = [tokenizer(s).input_ids for s in SENTENCES[:6]]
+    alone = [list(decoder.generate(target, ids, 12)) for ids in prompts]
+    outputs = [[] for _ in prompts]
+    for index, token in decoder.speculative_batch(target, draft, prompts, 12, 3, batch_size=4):
+        outputs[index].append(token)
+    assert outputs == alone
