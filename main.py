@@ -7,6 +7,7 @@ import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -36,9 +37,15 @@ def guarded(run, args):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader stopped early (`| head`). Point stdout at /dev/null so the flush at
+        # exit cannot fail again, and stop quietly, as Python's documentation advises.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def parse_args(argv=None):
+    """The command-line arguments; values are checked later, by check()."""
     parser = argparse.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
     parser.add_argument("--model", default="t5-11b", help="target: converted folder or name under mlx_models/")
     parser.add_argument("--draft-model", default="t5-small", help="draft: converted folder or name under mlx_models/")
@@ -50,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of mass top-p")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed, for reproducible sampling")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--regular-decode", action="store_true", help="plain decoding with the target only")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
@@ -66,6 +73,7 @@ def check(args):
         (0.0 < args.top_p <= 1.0, f"--top-p must lie in (0, 1], got {args.top_p}"),
         (args.top_k >= 0, f"--top-k must not be negative, got {args.top_k}"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
+        (0 <= args.seed < 2**64, f"--seed must lie in [0, 2**64), got {args.seed}"),
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
     ])
 
@@ -76,14 +84,19 @@ def read_prompt_file(path):
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as error:
         raise UsageError(f"cannot read --prompt-file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--prompt-file {path} is not UTF-8 text") from None
     prompts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            prompts.append(str(json.loads(line)["prompt"]))
+            prompt = json.loads(line)["prompt"]
         except (json.JSONDecodeError, TypeError, KeyError):
-            raise UsageError(f'{path} line {number} is not a JSON object with a "prompt" field') from None
+            prompt = None
+        if not isinstance(prompt, str):
+            raise UsageError(f'{path} line {number} is not a JSON object with a "prompt" string')
+        prompts.append(prompt)
     if not prompts:
         raise UsageError(f"{path} holds no prompts")
     return prompts
@@ -116,6 +129,15 @@ def token_events(args, target, draft, prompt_ids, stats):
     )
 
 
+def text_of(tokenizer, tokens):
+    """The text of tokens, special tokens (EOS) left out.
+
+    Without transformers' clean-up of spaces (" n't" -> "n't"): sentencepiece keeps the
+    spacing itself, and the clean-up could change text that has already been streamed.
+    """
+    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def summary(stats, seconds, speculative):
     """One line: tokens, tokens per second, acceptance, target calls."""
     tokens = sum(s.generated for s in stats)
@@ -137,7 +159,8 @@ def stream(events, tokenizer, stats, speculative):
                 print("\n" + summary([stats[current]], stats[current].seconds, speculative), flush=True)
             tokens, shown, current = [], "", index
         tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        # Decode the whole list: sentencepiece pieces decoded one by one lose their spaces.
+        text = text_of(tokenizer, tokens)
         print(text[len(shown):], end="", flush=True)
         shown = text
     if current is not None:
@@ -153,7 +176,7 @@ def print_json(events, tokenizer, prompts, stats, finished):
         while following < len(prompts) and finished(tokens[following]):
             record = {
                 "prompt": prompts[following],
-                "text": tokenizer.decode(tokens[following], skip_special_tokens=True),
+                "text": text_of(tokenizer, tokens[following]),
                 "tokens": tokens[following],
                 "stats": stats[following].as_dict(),
             }
@@ -162,6 +185,7 @@ def print_json(events, tokenizer, prompts, stats, finished):
 
 
 def run(args):
+    """Check the arguments, load the models once, and decode every prompt."""
     check(args)
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
     target, draft, tokenizer = load_models(args)
@@ -185,6 +209,7 @@ def run(args):
 
 
 def main(argv=None):
+    """Entry point: parse, run, and turn bad values into one-line errors."""
     guarded(run, parse_args(argv))
 
 

@@ -8,13 +8,38 @@ import pytest
 from conftest import OFTEN, ROOT
 
 import convert
+import main
 import synthetic
+
+PROMPTS = ["Return the number of items.", "Close the file and flush its buffers to disk.", "Parse the arguments"]
+MAX_TOKENS = 20
+STATS_KEYS = {"generated", "drafted", "accepted", "acceptance_rate", "target_calls", "draft_calls", "seconds",
+              "tokens_per_second"}
 
 
 def run_main(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
     )
+
+
+def one_error_line(result):
+    """The single `error: ...` line of a run that must fail with exit code 2 and no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def json_lines(result):
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +51,31 @@ def models(pair_dirs):
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    prompts = ["Return the number of items.", "Close the file and flush its buffers to disk.", "Parse the arguments"]
-    path.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(prompts)))
-    return path, prompts
+    return write_lines(path, [json.dumps({"prompt": p, "id": i}) for i, p in enumerate(PROMPTS)])
 
 
-def one_error_line(result):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+@pytest.fixture(scope="module")
+def regular(models, prompt_file):
+    """The target's own greedy output for each prompt: the reference for the speculative runs.
+
+    The draft named here does not exist: --regular-decode must not load one.
+    """
+    return json_lines(run_main(models[0], models[1], "--draft-model", "no-such-draft", "--regular-decode",
+                               "--prompt-file", prompt_file, "--json", "--max-tokens", MAX_TOKENS))
+
+
+def test_defaults_are_the_documented_ones():
+    args = main.parse_args([])
+    assert (args.model, args.draft_model, args.num_draft, args.delta, args.max_tokens) == ("t5-11b", "t5-small", 5,
+                                                                                            0.0, 100)
+    assert (args.temperature, args.top_k, args.top_p, args.seed) == (0.0, 0, 1.0, 0)
+    assert not args.regular_decode and not args.json and args.prompt_file is None and args.prompt
 
 
 @pytest.mark.parametrize(
     "flag,value",
-    [("--num-draft", 0), ("--delta", -0.1), ("--delta", 1.5), ("--temperature", -1), ("--top-p", 0),
-     ("--top-p", 1.2), ("--top-k", -1), ("--max-tokens", 0), ("--batch-size", 0)],
+    [("--num-draft", 0), ("--delta", -0.1), ("--delta", 1.5), ("--delta", "nan"), ("--temperature", -1),
+     ("--top-p", 0), ("--top-p", 1.2), ("--top-k", -1), ("--max-tokens", 0), ("--seed", -1), ("--batch-size", 0)],
 )
 def test_bad_values_exit_2_with_one_line(models, flag, value):
     line = one_error_line(run_main(*models, flag, value))
@@ -53,15 +86,29 @@ def test_missing_prompt_file(models, tmp_path):
     assert "prompt-file" in one_error_line(run_main(*models, "--prompt-file", tmp_path / "none.jsonl"))
 
 
-def test_prompt_file_line_without_prompt(models, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt here"}\n')
-    assert "line 2" in one_error_line(run_main(*models, "--prompt-file", bad))
+@pytest.mark.parametrize(
+    "lines,message",
+    [(['{"prompt": "fine"}', '{"text": "no prompt here"}'], "line 2"),
+     (['{"prompt": "fine"}', "", "not json"], "line 3"),
+     (['["prompt"]'], "line 1"),
+     (['{"prompt": null}'], "line 1"),
+     ([], "no prompts")],
+)
+def test_bad_prompt_file_lines(models, tmp_path, lines, message):
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    assert message in one_error_line(run_main(*models, "--prompt-file", path))
 
 
-def test_missing_model_names_the_convert_command(tmp_path):
-    line = one_error_line(run_main("--model", "t5-nothing", "--draft-model", "t5-small", cwd=tmp_path))
-    assert "python convert.py --model t5-nothing" in line
+def test_prompt_file_that_is_not_text(models, tmp_path):
+    path = tmp_path / "binary.jsonl"
+    path.write_bytes(b'\xff\xfe{"prompt": "x"}\n')
+    assert "UTF-8" in one_error_line(run_main(*models, "--prompt-file", path))
+
+
+def test_missing_models_name_the_convert_command(tmp_path):
+    # The defaults, resolved under mlx_models/ of the working directory, where there are none.
+    line = one_error_line(run_main(cwd=tmp_path))
+    assert "python convert.py --model t5-11b" in line
 
 
 def test_vocabularies_that_differ(models, tmp_path):
@@ -72,52 +119,58 @@ def test_vocabularies_that_differ(models, tmp_path):
     assert "vocabularies differ" in line
 
 
-def json_lines(result):
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+def test_regular_decoding_json(regular):
+    assert [r["prompt"] for r in regular] == PROMPTS
+    for record in regular:
+        assert set(record) == {"prompt", "text", "tokens", "stats"} and set(record["stats"]) == STATS_KEYS
+        assert record["stats"]["drafted"] == record["stats"]["draft_calls"] == 0
+        assert record["stats"]["target_calls"] == record["stats"]["generated"] == len(record["tokens"])
 
 
-STATS_KEYS = {"generated", "drafted", "accepted", "acceptance_rate", "target_calls", "draft_calls", "seconds",
-              "tokens_per_second"}
-
-
-def test_prompt_file_json_matches_regular_decoding(models, prompt_file):
-    path, prompts = prompt_file
-    speculative = json_lines(run_main(*models, "--prompt-file", path, "--json", "--max-tokens", 20, "--num-draft", 3))
-    regular = json_lines(run_main(*models, "--prompt-file", path, "--json", "--max-tokens", 20, "--regular-decode"))
-    assert [r["prompt"] for r in speculative] == prompts == [r["prompt"] for r in regular]
+def test_prompt_file_json_matches_regular_decoding(models, prompt_file, regular):
+    speculative = json_lines(run_main(*models, "--prompt-file", prompt_file, "--json", "--max-tokens", MAX_TOKENS,
+                                      "--num-draft", 3))
+    assert [r["prompt"] for r in speculative] == PROMPTS
     for fast, plain in zip(speculative, regular):
         assert set(fast["stats"]) == STATS_KEYS
         assert fast["tokens"] == plain["tokens"] and fast["text"] == plain["text"]
         assert fast["stats"]["generated"] == len(fast["tokens"])
-        assert plain["stats"]["drafted"] == 0
+        assert fast["stats"]["drafted"] > 0 and fast["stats"]["target_calls"] < len(fast["tokens"])
 
 
 @pytest.mark.parametrize("batch_size", [2, 5])
-def test_batches_give_the_same_json_in_input_order(models, prompt_file, batch_size):
-    path, prompts = prompt_file
-    single = json_lines(run_main(*models, "--prompt-file", path, "--json", "--max-tokens", 20))
-    batched = run_main(*models, "--prompt-file", path, "--max-tokens", 20, "--batch-size", batch_size)
+def test_batches_give_the_same_json_in_input_order(models, prompt_file, regular, batch_size):
+    batched = run_main(*models, "--prompt-file", prompt_file, "--max-tokens", MAX_TOKENS, "--batch-size", batch_size)
     records = json_lines(batched)
-    assert [r["prompt"] for r in records] == prompts
-    assert [r["tokens"] for r in records] == [r["tokens"] for r in single]
+    assert [r["prompt"] for r in records] == PROMPTS
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in regular]
     summary = batched.stderr.strip().splitlines()[-1]
     assert "tokens" in summary and "tok/s" in summary and "acceptance" in summary
 
 
-def test_streams_text_then_a_summary(models):
-    result = run_main(*models, "--prompt", "Return the number of items.", "--max-tokens", 15)
+def test_streams_text_then_a_summary(models, regular):
+    result = run_main(*models, "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS)
     assert result.returncode == 0, result.stderr
     text, summary = result.stdout.rstrip("\n").rsplit("\n", 1)
-    assert text.strip()
+    assert text == regular[0]["text"] and text.strip()
     assert summary.startswith("[") and "tok/s" in summary and "acceptance" in summary and "target calls" in summary
-    expected = json_lines(run_main(*models, "--prompt", "Return the number of items.", "--max-tokens", 15, "--json"))
-    assert text == expected[0]["text"]
 
 
-def test_sampling_seed_reproduces(models):
-    args = [*models, "--prompt", "Close the file.", "--max-tokens", 15, "--temperature", 1.0, "--top-p", 0.9, "--json"]
-    first, again = json_lines(run_main(*args, "--seed", 5)), json_lines(run_main(*args, "--seed", 5))
-    other = json_lines(run_main(*args, "--seed", 6))
+def test_sampling_seed_reproduces_and_prompts_draw_independently(models, tmp_path):
+    same_prompt = write_lines(tmp_path / "twice.jsonl", [json.dumps({"prompt": "Close the file."})] * 2)
+    args = [*models, "--prompt-file", same_prompt, "--max-tokens", 15, "--temperature", 1.0, "--top-p", 0.9, "--json",
+            "--seed", 5]
+    first, again = json_lines(run_main(*args)), json_lines(run_main(*args))
     assert [r["tokens"] for r in again] == [r["tokens"] for r in first]
-    assert [r["tokens"] for r in other] != [r["tokens"] for r in first]
+    assert first[0]["tokens"] != first[1]["tokens"]
+
+
+def test_reader_that_stops_early_gets_no_traceback(models, prompt_file):
+    """`main.py ... | head -n 1`: writing after the reader has gone ends quietly."""
+    args = [sys.executable, str(ROOT / "main.py"), *map(str, models), "--prompt-file", str(prompt_file), "--json",
+            "--max-tokens", "200"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    json.loads(process.stdout.readline())
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) in (0, 1) and "Traceback" not in stderr, stderr
