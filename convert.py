@@ -10,6 +10,7 @@ import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 << 30
+REQUIRED_CONFIG = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
 # Hugging Face name -> MLX name. Block 0 carries the relative position bias of its stack.
 RENAMES = [
     (r"(en|de)coder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias", r"\1coder.position_bias"),
@@ -80,15 +82,21 @@ def fetch(name):
 
 
 def read_config(folder):
+    """The checkpoint's config.json, checked to describe a T5."""
     path = folder / "config.json"
     if not path.is_file():
         raise ConvertError(f"{folder} has no config.json")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConvertError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{path} is not a JSON object")
     if config.get("model_type") != "t5":
         raise ConvertError(f"{path} describes model_type '{config.get('model_type')}', not 't5'")
+    for key in REQUIRED_CONFIG:
+        if not isinstance(config.get(key), int) or config[key] < 1:
+            raise ConvertError(f"{path}: '{key}' must be a positive integer, not {config.get(key)!r}")
     return config
 
 
@@ -112,7 +120,11 @@ def weight_files(folder):
 
 
 def safetensors_header(path):
-    """(header dict, offset of the data) of a safetensors file, checked against its size."""
+    """{name: (dtype, shape, start, end)} of a safetensors file and the offset of its data.
+
+    Every entry is checked against the file's size, so a truncated or corrupt file fails
+    here, before anything is written.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         try:
@@ -123,25 +135,38 @@ def safetensors_header(path):
     if not isinstance(header, dict):
         raise ConvertError(f"{path.name} is not a valid safetensors file")
     header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    tensors = {name: tensor_entry(path, name, info) for name, info in header.items()}
+    end = max((entry[3] for entry in tensors.values()), default=0)
     if 8 + length + end > size:
         raise ConvertError(f"{path.name} is truncated ({size} bytes, its header needs {8 + length + end})")
-    return header, 8 + length
+    return tensors, 8 + length
+
+
+def tensor_entry(path, name, info):
+    """(dtype, shape, start, end) of one header entry, its byte count checked."""
+    try:
+        dtype, shape, (start, end) = info["dtype"], [int(n) for n in info["shape"]], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise ConvertError(f"{path.name}: the header entry of '{name}' is malformed") from None
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ConvertError(f"{path.name}: tensor '{name}' has unsupported dtype {dtype}")
+    itemsize = np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start
+            and min(shape, default=0) >= 0 and end - start == math.prod(shape) * itemsize):
+        raise ConvertError(f"{path.name}: the offsets of tensor '{name}' do not fit its shape")
+    return dtype, shape, start, end
 
 
 def read_safetensors(path):
     """Yield (name, mx.array) from a safetensors file, one tensor in memory at a time."""
     header, base = safetensors_header(path)
     with open(path, "rb") as f:
-        for name, info in header.items():
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ConvertError(f"{path.name}: tensor '{name}' has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
+        for name, (dtype, shape, start, end) in header.items():
             f.seek(base + start)
-            data = np.frombuffer(f.read(end - start), dtype=SAFETENSORS_DTYPES[info["dtype"]])
-            array = mx.array(data.reshape(info["shape"]))
-            # numpy has no bfloat16: carry its bits as uint16 and reinterpret them in MLX.
-            yield name, array.view(mx.bfloat16) if info["dtype"] == "BF16" else array
+            data = np.frombuffer(f.read(end - start), dtype=SAFETENSORS_DTYPES[dtype])
+            array = mx.array(data.reshape(shape))
+            # numpy has no bfloat16: its bits travel as uint16 and are reinterpreted in MLX.
+            yield name, array.view(mx.bfloat16) if dtype == "BF16" else array
 
 
 def read_torch(path):
@@ -151,9 +176,17 @@ def read_torch(path):
     except ImportError:
         raise ConvertError(f"{path.name} is a PyTorch file: install torch to convert it") from None
     try:
-        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # Files saved in torch's legacy (pre-1.6) format can only be read whole.
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several kinds for a damaged file
         raise ConvertError(f"{path.name} could not be read: {error}".splitlines()[0]) from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ConvertError(f"{path.name} does not hold a state dict of tensors")
     for name, tensor in state.items():
         yield name, mx.array(tensor.float().numpy())
 
@@ -171,13 +204,27 @@ def read_tensors(files):
 
 
 def expected_shapes(config):
-    """MLX parameter names and shapes the config implies (a lazy model: nothing is allocated)."""
-    from mlx.utils import tree_flatten
-
-    import model
-
-    args = model.ModelArgs.from_config(dict(config, tie_word_embeddings=True))
-    return {name: tuple(p.shape) for name, p in tree_flatten(model.T5(args).parameters())}
+    """MLX names and shapes of the tensors the config implies (lm_head aside: it is optional)."""
+    d, inner, ff, heads = config["d_model"], config["num_heads"] * config["d_kv"], config["d_ff"], config["num_heads"]
+    buckets = config.get("relative_attention_num_buckets", 32)
+    layers = {"encoder": config["num_layers"], "decoder": config.get("num_decoder_layers") or config["num_layers"]}
+    gated = config.get("feed_forward_proj", "relu").startswith("gated")
+    shapes = {"shared.weight": (config["vocab_size"], d)}
+    for stack, count in layers.items():
+        shapes[f"{stack}.position_bias.weight"] = (buckets, heads)
+        shapes[f"{stack}.final_norm.weight"] = (d,)
+        attentions = ["self_attn", "cross_attn"] if stack == "decoder" else ["self_attn"]
+        for i in range(count):
+            layer = f"{stack}.layers.{i}"
+            for attention in attentions:
+                shapes.update({f"{layer}.{attention}.{p}.weight": (inner, d) for p in "qkv"})
+                shapes[f"{layer}.{attention}.o.weight"] = (d, inner)
+                shapes[f"{layer}.{attention}_norm.weight"] = (d,)
+            for name in ["wi_0", "wi_1"] if gated else ["wi"]:
+                shapes[f"{layer}.ffn.{name}.weight"] = (ff, d)
+            shapes[f"{layer}.ffn.wo.weight"] = (d, ff)
+            shapes[f"{layer}.ffn_norm.weight"] = (d,)
+    return shapes
 
 
 class ShardWriter:
@@ -221,17 +268,22 @@ def convert_weights(files, config, out, dtype, max_shard_bytes):
     expected = expected_shapes(config)
     writer = ShardWriter(out, max_shard_bytes)
     seen, shared, head = set(), None, None
-    for hf_name, array in tqdm(read_tensors(files), total=tensor_count(files), desc="tensors", unit="tensor",
-                               file=sys.stderr):
+    # disable=None: a bar on a terminal, nothing in logs and pipes (one-line errors stay one line).
+    tensors = tqdm(read_tensors(files), total=tensor_count(files), desc="tensors", unit="tensor", file=sys.stderr,
+                   disable=None)
+    for hf_name, array in tensors:
         name = mlx_name(hf_name)
         if name is None or name in seen:
             continue
-        if name != "lm_head.weight" and expected.get(name) != tuple(array.shape):
-            raise ConvertError(f"tensor '{hf_name}' has shape {tuple(array.shape)}, config implies {expected.get(name)}")
         seen.add(name)
         if name == "lm_head.weight":
             head = array  # kept until `shared` is known: a copy of it means a tied head
             continue
+        if name not in expected:
+            raise ConvertError(f"tensor '{hf_name}' is not part of the model config.json describes")
+        if expected[name] != tuple(array.shape):
+            shape = tuple(array.shape)
+            raise ConvertError(f"tensor '{hf_name}' has shape {shape}, config.json implies {expected[name]}")
         if name == "shared.weight":
             shared = array
         array = array.astype(dtype)
@@ -239,7 +291,8 @@ def convert_weights(files, config, out, dtype, max_shard_bytes):
         writer.add(name, array)
     missing = sorted(set(expected) - seen)
     if missing:
-        raise ConvertError(f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. '{missing[0]}'")
+        raise ConvertError(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, "
+                           f"e.g. '{missing[0]}' (MLX name)")
     tied = head is None or bool(mx.array_equal(head, shared))
     if not tied:
         if tuple(head.shape) != expected["shared.weight"]:
@@ -263,7 +316,9 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
     folder = fetch(source)
     config = read_config(folder)
     files = weight_files(folder)
-    destination = Path(mlx_path or Path("mlx_models") / source.rstrip("/").split("/")[-1])
+    destination = output_folder(source, mlx_path)
+    if destination.exists() and not destination.is_dir():
+        raise ConvertError(f"{destination} exists and is not a folder")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise stay on the result
@@ -273,12 +328,34 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
+        install(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def output_folder(source, mlx_path):
+    """--mlx-path, else mlx_models/<last part of the name>."""
+    if mlx_path:
+        return Path(mlx_path)
+    # A local folder is named by its real path, so that `--model .` gets a proper name.
+    name = Path(source).resolve().name if Path(source).is_dir() else source.rstrip("/").split("/")[-1]
+    return Path("mlx_models") / name
+
+
+def install(staging, destination):
+    """Rename the finished `staging` folder to `destination`; an older output goes only now."""
+    if not destination.exists():
+        os.replace(staging, destination)
+        return
+    old = staging.with_name(staging.name + ".old")
+    os.replace(destination, old)
+    try:
+        os.replace(staging, destination)
+    except OSError:
+        os.replace(old, destination)
+        raise
+    shutil.rmtree(old)
 
 
 def main():
@@ -292,7 +369,7 @@ def main():
               "prefer bfloat16 or float32", file=sys.stderr)
     try:
         path = convert(args.model, args.mlx_path, args.dtype)
-    except ConvertError as error:
+    except (ConvertError, OSError) as error:  # OSError: an output folder that cannot be written
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path}")

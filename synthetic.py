@@ -5,9 +5,11 @@ checkpoints are written in Hugging Face's format (config.json, safetensors or
 pytorch_model.bin, tokenizer files), exactly what convert.py reads from the hub.
 """
 
+import importlib
 import inspect
 import io
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,8 +27,6 @@ CACHE = Path(tempfile.gettempdir()) / "t5-speculative-synthetic"
 
 def corpus_sentences():
     """Lines of the docstrings of CORPUS_MODULES, in a fixed order."""
-    import importlib
-
     lines = []
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)
@@ -37,48 +37,74 @@ def corpus_sentences():
 
 
 def train_tokenizer(folder, vocab_size=1000):
-    """Write a T5 tokenizer (sentencepiece unigram: pad 0, eos 1, unk 2) into `folder`."""
+    """Write a T5 tokenizer (sentencepiece unigram: pad 0, eos 1, unk 2) into `folder`.
+
+    Returns the tokenizer's length: vocab_size pieces plus 100 <extra_id_*> tokens.
+    """
+    cached = cached_tokenizer(vocab_size)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in cached.iterdir():
+        shutil.copyfile(file, folder / file.name)
+    return tokenizer_size(vocab_size)
+
+
+def cached_tokenizer(vocab_size=1000):
+    """The folder of the tokenizer trained once per vocab_size under CACHE."""
+    cached = CACHE / f"tokenizer-{vocab_size}"
+    if (cached / "spiece.model").is_file():
+        return cached
+    CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=CACHE))  # renamed whole, so a reader never sees half of it
+    staging.chmod(0o755)
+    try:
+        write_tokenizer(staging, vocab_size)
+        staging.rename(cached)
+    except OSError:
+        if not (cached / "spiece.model").is_file():  # else another process cached it first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cached
+
+
+def write_tokenizer(folder, vocab_size):
+    """Train sentencepiece on CORPUS_MODULES' docstrings; save it as Hugging Face's T5Tokenizer."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
     from transformers import T5Tokenizer
 
-    cached = CACHE / f"tokenizer-{vocab_size}"
-    if not (cached / "spiece.model").is_file():
-        proto = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(corpus_sentences()), model_writer=proto, vocab_size=vocab_size,
-            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
-            minloglevel=2,
-        )
-        model = sentencepiece_model_pb2.ModelProto.FromString(proto.getvalue())
-        vocab = [(piece.piece, piece.score) for piece in model.pieces]
-        vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(EXTRA_IDS))]
-        tokenizer = T5Tokenizer(
-            vocab=vocab, extra_ids=EXTRA_IDS,
-            _spm_precompiled_charsmap=model.normalizer_spec.precompiled_charsmap,
-        )
-        staging = Path(tempfile.mkdtemp(dir=CACHE.parent if CACHE.exists() else None))
-        tokenizer.save_pretrained(str(staging))
-        (staging / "spiece.model").write_bytes(proto.getvalue())
-        CACHE.mkdir(parents=True, exist_ok=True)
-        try:
-            staging.rename(cached)
-        except OSError:  # another process cached it first
-            pass
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for file in cached.iterdir():
-        (folder / file.name).write_bytes(file.read_bytes())
-    return len(vocab_entries(cached))
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_sentences()), model_writer=proto, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2,
+    )
+    model = sentencepiece_model_pb2.ModelProto.FromString(proto.getvalue())
+    # transformers 5 builds T5Tokenizer from (piece, score) pairs and ignores a vocab file;
+    # the extra ids close the vocabulary in reverse, as in Google's T5 (<extra_id_0> last).
+    vocab = [(piece.piece, piece.score) for piece in model.pieces]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(EXTRA_IDS))]
+    tokenizer = T5Tokenizer(
+        vocab=vocab, extra_ids=EXTRA_IDS, _spm_precompiled_charsmap=model.normalizer_spec.precompiled_charsmap,
+    )
+    tokenizer.save_pretrained(str(folder))
+    (folder / "spiece.model").write_bytes(proto.getvalue())
 
 
-def vocab_entries(folder):
-    """The tokenizer's vocabulary, as listed in its tokenizer.json."""
-    return json.loads((Path(folder) / "tokenizer.json").read_text())["model"]["vocab"]
+def tokenizer_size(vocab_size=1000):
+    """How many tokens the cached tokenizer has (its tokenizer.json lists them all)."""
+    tokenizer = json.loads((cached_tokenizer(vocab_size) / "tokenizer.json").read_text())
+    return len(tokenizer["model"]["vocab"])
 
 
-def t5_config(vocab_size, gated=False, **overrides):
-    """A Hugging Face T5 config: v1 (relu, tied head) or v1.1 (gated-gelu, untied)."""
+def t5_config(vocab_size=None, gated=False, **overrides):
+    """A Hugging Face T5 config: v1 (relu, tied head) or v1.1 (gated-gelu, untied).
+
+    vocab_size defaults to the tokenizer's length rounded up to a multiple of 8, so the
+    model has a few ids the tokenizer lacks, like Google's checkpoints (32128 vs 32100).
+    """
+    if vocab_size is None:
+        vocab_size = -(-tokenizer_size() // 8) * 8
     config = dict(
         model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=vocab_size,
         d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2,
@@ -104,13 +130,13 @@ def layer_shapes(config, stack, index):
         shapes[f"{prefix}.{i}.{name}.o.weight"] = ((d, inner), inner**-0.5)
         shapes[f"{prefix}.{i}.layer_norm.weight"] = ((d,), None)
     ffn = f"{prefix}.{len(attention)}"
-    inputs = ["wi_0", "wi_1"] if config["feed_forward_proj"].startswith("gated") else ["wi"]
+    inputs = ["wi_0", "wi_1"] if config.get("feed_forward_proj", "relu").startswith("gated") else ["wi"]
     for name in inputs:
         shapes[f"{ffn}.DenseReluDense.{name}.weight"] = ((ff, d), d**-0.5)
     shapes[f"{ffn}.DenseReluDense.wo.weight"] = ((d, ff), ff**-0.5)
     shapes[f"{ffn}.layer_norm.weight"] = ((d,), None)
     if index == 0:
-        buckets = config["relative_attention_num_buckets"]
+        buckets = config.get("relative_attention_num_buckets", 32)
         shapes[f"{prefix}.0.SelfAttention.relative_attention_bias.weight"] = ((buckets, config["num_heads"]), d**-0.5)
     return shapes
 
@@ -121,10 +147,11 @@ def random_weights(config, seed=0):
     Norm weights are drawn near 1 rather than set to 1, so a test notices a dropped norm.
     """
     rng = np.random.default_rng(seed)
-    factor = config["initializer_factor"]
+    factor = config.get("initializer_factor", 1.0)
     d = config["d_model"]
+    decoder_layers = config.get("num_decoder_layers") or config["num_layers"]
     shapes = {"shared.weight": ((config["vocab_size"], d), 1.0)}
-    for stack, count in (("encoder", config["num_layers"]), ("decoder", config["num_decoder_layers"])):
+    for stack, count in (("encoder", config["num_layers"]), ("decoder", decoder_layers)):
         for index in range(count):
             shapes.update(layer_shapes(config, stack, index))
         shapes[f"{stack}.final_layer_norm.weight"] = ((d,), None)
@@ -161,6 +188,7 @@ def save_checkpoint(folder, config, weights, shards=1, fmt="safetensors"):
 
 
 def write_weights(path, weights, fmt):
+    """One weight file: safetensors (no torch needed) or a torch.save'd state dict."""
     if fmt == "safetensors":
         from safetensors.numpy import save_file
 
@@ -177,10 +205,11 @@ def speculative_pair(folder, draft_layers=2, target_layers=24, d_model=512, eps=
     The target copies the draft's embeddings, position biases, norms and layers, and
     adds target_layers - draft_layers random layers after them, in the encoder and the
     decoder, whose attention-output and feed-forward-output weights are scaled by eps.
-    At eps 0 the target computes the draft's function exactly.
+    At eps 0 the target computes the draft's function exactly. Both hold the same tokenizer.
     """
     folder = Path(folder)
-    vocab = train_tokenizer(folder / "tokenizer")
+    # Exactly the tokenizer's length (no rounding): every id either model emits decodes.
+    vocab = tokenizer_size()
     settings = dict(d_model=d_model, d_kv=d_model // 8, num_heads=8, d_ff=4 * d_model)
     settings.update(overrides)
     draft_config = t5_config(vocab, num_layers=draft_layers, num_decoder_layers=draft_layers, **settings)

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny offline T5 checkpoints (random weights, local tokenizer)."""
+"""Shared fixtures: tiny offline T5 checkpoints (random weights, local tokenizer).
+
+v1, v11, inner_dim: (config, weights) of tiny T5s; v1_checkpoint, v11_checkpoint,
+inner_dim_checkpoint: the same saved as Hugging Face folders; tokenizer_dir; pair_dirs
+and load_pair: converted speculative pairs.
+"""
 
 import sys
 from pathlib import Path
@@ -14,8 +19,62 @@ import convert  # noqa: E402
 import model  # noqa: E402
 import synthetic  # noqa: E402
 
-# Greedy acceptance of these tiny v1.1 pairs (draft: 1 layer; target: 3, d_model 64)
-# is about 0.7 at eps 0.05 and 0.1 at eps 0.5; at eps 0 the target is the draft.
+# Tiny T5s (d_model 64, 4 heads, d_ff 128, 2 layers): synthetic.t5_config overrides.
+TINY = {
+    "v1": dict(gated=False),  # relu, tied head, decoder output scaled by d_model**-0.5
+    "v11": dict(gated=True, num_decoder_layers=3),  # gated-gelu, untied head, no scaling
+    "inner_dim": dict(gated=False, d_kv=32),  # num_heads * d_kv = 128 != d_model, as in T5-11B
+}
+
+
+def tiny_model(variant):
+    """(config, float32 weights in Hugging Face's names) of a TINY variant; the same every call."""
+    config = synthetic.t5_config(**TINY[variant])
+    return config, synthetic.random_weights(config, seed=sorted(TINY).index(variant) + 1)
+
+
+@pytest.fixture(scope="session")
+def v1():
+    return tiny_model("v1")
+
+
+@pytest.fixture(scope="session")
+def v11():
+    return tiny_model("v11")
+
+
+@pytest.fixture(scope="session")
+def inner_dim():
+    return tiny_model("inner_dim")
+
+
+@pytest.fixture(scope="session")
+def v1_checkpoint(v1, tmp_path_factory):
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer) of the tiny v1 T5."""
+    return synthetic.save_checkpoint(tmp_path_factory.mktemp("v1"), *v1)
+
+
+@pytest.fixture(scope="session")
+def v11_checkpoint(v11, tmp_path_factory):
+    return synthetic.save_checkpoint(tmp_path_factory.mktemp("v11"), *v11)
+
+
+@pytest.fixture(scope="session")
+def inner_dim_checkpoint(inner_dim, tmp_path_factory):
+    return synthetic.save_checkpoint(tmp_path_factory.mktemp("inner_dim"), *inner_dim)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A folder holding only the synthetic tokenizer's files."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    synthetic.train_tokenizer(folder)
+    return folder
+
+
+# Greedy acceptance (accepted / drafted) of these tiny v1.1 pairs (draft: 1 layer;
+# target: 3, d_model 64) on test_decoder's prompts, from num-draft 1 to 8: 0.85 to 0.51
+# at eps 0.05, 0.37 to 0.07 at eps 0.5; at eps 0 the target is the draft.
 # (v1 pairs with random weights tend to repeat one token, which makes weak tests.)
 OFTEN, RARELY = 0.05, 0.5
 

@@ -82,7 +82,8 @@ def test_reference_output_is_varied(greedy_reference):
         assert max(len(set(tokens)) for tokens in outputs) >= 8, [len(set(t)) for t in outputs]
 
 
-ACCEPTANCE = {"always": (1.0, 1.0), "often": (0.4, 1.0), "rarely": (0.01, 0.3), "never": (0.0, 0.0)}
+# Bands for accepted / drafted at every num-draft 1..8 (it falls as num-draft grows).
+ACCEPTANCE = {"always": (1.0, 1.0), "often": (0.4, 1.0), "rarely": (0.01, 0.5), "never": (0.0, 0.0)}
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTANCE))
