@@ -9,39 +9,94 @@ from conftest import ROOT
 
 import benchmark
 
+# A tiny synthetic pair (3-layer target, d_model 64) and short runs: seconds, not minutes.
+TINY = ["--layers", "3", "--d-model", "64", "--max-tokens", "12", "--repeats", "1"]
+
+
+def run_benchmark(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "benchmark.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
 
 def test_predicted_speedup_formula():
     assert benchmark.predicted_speedup(0.0, 4, 0.1) == pytest.approx(1 / 1.4)
     assert benchmark.predicted_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
     a, g, c = 0.7, 3, 0.05
-    assert benchmark.predicted_speedup(a, g, c) == pytest.approx((1 + a + a**2 + a**3) / (g * c + 1))
+    assert benchmark.predicted_speedup(a, g, c) == pytest.approx((1 - a ** (g + 1)) / ((1 - a) * (g * c + 1)))
+    assert benchmark.predicted_speedup(a, g, c, verify_cost=1.5) == pytest.approx((1 + a + a**2 + a**3) / (g * c + 1.5))
 
 
 def test_small_run_reports_consistent_rows(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark.py"), "--layers", "3", "--d-model", "64", "--max-tokens", "12",
-         "--num-draft", "1", "3", "--repeats", "1", "--batch-size", "1", "3", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+    out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    plot = ["--plot", picture] if benchmark.find_spec("matplotlib") else []
+    result = run_benchmark(*TINY, "--num-draft", "3", "1", "--batch-size", "1", "3", "--json", out, *plot)
     assert result.returncode == 0, result.stderr
-    assert "| num_draft |" in result.stdout
+    assert "| num_draft |" in result.stdout and "Output check: OK" in result.stdout
     results = json.loads(out.read_text())
-    rows = results["speculative"]
+    assert not list(tmp_path.glob("*.tmp"))
+    rows, c = results["speculative"], results["cost_ratio"]
     assert [r["num_draft"] for r in rows] == [1, 3]
+    assert results["outputs_identical"] is True and results["repeats"] == 1
+    assert c == pytest.approx(results["draft_step_ms"] / results["target_step_ms"])
+    assert 0 < results["plain"]["tokens"] <= len(benchmark.PROMPTS) * 12 and results["plain"]["tokens_per_second"] > 0
     for r in rows:
         assert r["identical"] is True
         assert 0.0 <= r["acceptance_rate"] <= 1.0 and 0.0 <= r["alpha"] <= 1.0
-        expected = benchmark.predicted_speedup(r["alpha"], r["num_draft"], results["cost_ratio"])
+        assert r["acceptance_rate"] <= r["alpha"] + 1e-9  # drafts after a rejection count as drafted, not judged
+        # The expected tokens per step as a finite sum, which also holds at alpha 1.
+        expected = sum(r["alpha"] ** i for i in range(r["num_draft"] + 1)) / (r["num_draft"] * c + 1)
         assert r["predicted_speedup"] == pytest.approx(expected)
         assert r["efficiency"] == pytest.approx(r["wall_speedup"] / r["predicted_speedup"])
+        assert r["tokens"] == results["plain"]["tokens"] and r["tokens_per_second"] > 0
         assert r["target_pass_speedup"] >= 1.0
+        assert r["draft_ms"] + r["verify_ms"] + r["rest_ms"] == pytest.approx(r["step_ms"])
     assert rows[0]["acceptance_rate"] == pytest.approx(rows[0]["alpha"])  # one draft: the same thing
+    assert results["best_num_draft"] in (1, 3)
     assert [b["batch_size"] for b in results["batches"]] == [1, 3]
+    if plot:
+        assert picture.read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("args", [["--num-draft", "0"], ["--max-tokens", "0"], ["--model", "x"]])
+def test_compare_hf(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    result = run_benchmark(*TINY, "--max-tokens", "8", "--num-draft", "2", "--compare-hf", "--json", out)
+    assert result.returncode == 0, result.stderr
+    hf = json.loads(out.read_text())["hf"]
+    assert hf["greedy"]["tokens_per_second"] > 0 and hf["assisted"]["tokens_per_second"] > 0
+    assert hf["assisted"]["num_draft"] == 2 and hf["greedy"]["tokens"] == len(benchmark.PROMPTS) * 8
+    # Same checkpoint, greedy: transformers decodes the tokens we decode.
+    assert hf["greedy"]["outputs"] == hf["assisted"]["outputs"] == json.loads(out.read_text())["plain_outputs"]
+    assert "ours / transformers" in result.stdout
+
+
+def test_plot_without_matplotlib_is_one_error_line(tmp_path):
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        f"sys.argv = ['benchmark.py', '--plot', {str(tmp_path / 'b.png')!r}]; "
+        "runpy.run_path('benchmark.py', run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "matplotlib" in one_error_line(result)
+
+
+@pytest.mark.parametrize("args", [
+    ["--num-draft", "0"],
+    ["--num-draft", "2", "-1"],
+    ["--max-tokens", "0"],
+    ["--model", "x"],
+    ["--model", "no-such-model", "--draft-model", "no-such-draft"],
+    ["--prompt-file", "no-such-file.jsonl"],
+    ["--json", "no-such-folder/b.json"],
+    ["--hf-model", "x", "--hf-draft-model", "y", "--compare-hf"],
+])
 def test_bad_arguments(args):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    one_error_line(run_benchmark(*args, timeout=60))
