@@ -61,6 +61,10 @@ def test_small_run_reports_consistent_rows(tmp_path):
     assert rows[0]["acceptance_rate"] == pytest.approx(rows[0]["alpha"])  # one draft: the same thing
     assert results["best_num_draft"] in (1, 3)
     assert [b["batch_size"] for b in results["batches"]] == [1, 3]
+    for b in results["batches"]:
+        by_g = {int(g): rate for g, rate in b["speculative_by_num_draft"].items()}
+        assert set(by_g) == {g for g in (1, 3) if g <= results["best_num_draft"]}
+        assert b["speculative_tokens_per_second"] == by_g[b["num_draft"]] == max(by_g.values())
     if plot:
         assert picture.read_bytes().startswith(b"\x89PNG")
 
