@@ -280,9 +280,12 @@ class Cache:
         if self.offset + count > self.positions.shape[1]:
             self._resize(self.step * -(-(self.offset + count) // self.step))
         steps = np.arange(count)
-        queries = self.lengths[:, None] - padding[:, None] + steps
-        keys = np.where(steps < padding[:, None], HIDDEN_POSITION, queries)
-        self.positions[:, self.offset : self.offset + count] = mx.array(keys, dtype=mx.int32)
+        # Filler sits at HIDDEN_POSITION as key and as query: real queries never see it,
+        # and it sees at least itself. A filler query that saw nothing (a row's first
+        # token) would give NaN, which its keys/values would pass on to every layer after.
+        real = self.lengths[:, None] - padding[:, None] + steps
+        queries = np.where(steps < padding[:, None], HIDDEN_POSITION, real)
+        self.positions[:, self.offset : self.offset + count] = mx.array(queries, dtype=mx.int32)
         self.write_at = self.offset
         self.offset += count
         self.lengths = self.lengths + count - padding

@@ -99,14 +99,15 @@ def pair_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def load_pair(pair_dirs):
-    """load(eps) -> (target, draft, tokenizer), loaded once each."""
+    """load(eps, **overrides) -> (target, draft, tokenizer), loaded once each."""
     loaded = {}
 
-    def load(eps):
-        if eps not in loaded:
-            target_dir, draft_dir = pair_dirs(eps)
+    def load(eps, **overrides):
+        key = (eps, tuple(sorted(overrides.items())))
+        if key not in loaded:
+            target_dir, draft_dir = pair_dirs(eps, **overrides)
             target, tokenizer = model.load(target_dir)
-            loaded[eps] = (target, model.load(draft_dir)[0], tokenizer)
-        return loaded[eps]
+            loaded[key] = (target, model.load(draft_dir)[0], tokenizer)
+        return loaded[key]
 
     return load
