@@ -5,6 +5,7 @@ inner_dim_checkpoint: the same saved as Hugging Face folders; tokenizer_dir; pai
 and load_pair: converted speculative pairs.
 """
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,21 @@ import pytest  # noqa: E402
 import convert  # noqa: E402
 import model  # noqa: E402
 import synthetic  # noqa: E402
+
+
+def run_script(script, *args, cwd=ROOT, timeout=300):
+    """Run one of the project's scripts as a user would; return the finished process."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_error_line(result):
+    """The single `error: ...` line of a run that must fail with exit code 2 and no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
 
 # Tiny T5s (d_model 64, 4 heads, d_ff 128, 2 layers): synthetic.t5_config overrides.
 TINY = {

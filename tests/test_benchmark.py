@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, one_error_line, run_script
 
 import benchmark
 
@@ -14,16 +14,7 @@ TINY = ["--layers", "3", "--d-model", "64", "--max-tokens", "12", "--repeats", "
 
 
 def run_benchmark(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "benchmark.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(result):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return run_script("benchmark.py", *args, timeout=timeout)
 
 
 def test_predicted_speedup_formula():

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import OFTEN, ROOT
+from conftest import OFTEN, ROOT, one_error_line, run_script
 
 import convert
 import main
@@ -18,18 +18,7 @@ STATS_KEYS = {"generated", "drafted", "accepted", "acceptance_rate", "target_cal
 
 
 def run_main(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
-def one_error_line(result):
-    """The single `error: ...` line of a run that must fail with exit code 2 and no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return run_script("main.py", *args, cwd=cwd)
 
 
 def json_lines(result):

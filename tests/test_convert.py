@@ -13,7 +13,7 @@ import pytest
 import convert
 import model
 import synthetic
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, one_error_line, run_script
 
 
 def mlx_weights(folder):
@@ -195,18 +195,7 @@ def test_duplicated_tied_head_is_kept_once(v1, tmp_path):
 
 
 def run_convert(*args, cwd):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "convert.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-
-
-def one_error_line(result):
-    """The single `error: ...` line of a run that must fail with exit code 2 and no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return run_script("convert.py", *args, cwd=cwd, timeout=120)
 
 
 def truncate(path):
