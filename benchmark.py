@@ -14,7 +14,7 @@ is measured / predicted. Plain and speculative runs take turns (one round of eve
 setting, then the next round), so a slow spell of the machine hits them all alike.
 """
 
-import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
 import argparse
 import json
@@ -35,7 +35,7 @@ from tqdm import tqdm
 import decoder
 import model
 import synthetic
-from main import UsageError, guarded, read_prompt_file, require
+from main import UsageError, guarded, load_models, read_prompt_file, require
 
 # Two prompts x 128 tokens x 3 repeats x 9 settings keep the default run near four minutes here.
 PROMPTS = [
@@ -218,16 +218,23 @@ class Setting:
             self.runs.append(run_speculative(target, draft, prompt_ids, max_tokens, self.g, sampling))
 
 
+def per_token_acceptance(runs):
+    """Maximum-likelihood per-token acceptance a over speculative runs.
+
+    Each step accepts drafts until its first rejection, so a = accepted / (accepted +
+    rejections). accepted / drafted undercounts it: drafts after a rejection are never judged.
+    """
+    accepted = sum(r.stats.accepted for r in runs)
+    rejections = sum(r.rejections for r in runs)
+    return accepted / (accepted + rejections) if accepted + rejections else 0.0
+
+
 def summarize(setting, plain, c, steps, greedy):
     """One row of the table: medians of the runs, the theory, and where a step's time goes."""
     g, runs = setting.g, setting.runs
     accepted = sum(r.stats.accepted for r in runs)
-    rejections = sum(r.rejections for r in runs)
     drafted = sum(r.stats.drafted for r in runs)
-    # Maximum-likelihood per-token acceptance: each step accepts drafts until its first
-    # rejection, so a = accepted / (accepted + rejections). accepted / drafted
-    # undercounts it: the drafts after a rejection are never judged.
-    a = accepted / (accepted + rejections) if accepted + rejections else 0.0
+    a = per_token_acceptance(runs)
     tokens_per_second = statistics.median(r.tokens_per_second for r in runs)
     plain_tokens_per_second = statistics.median(r.tokens_per_second for r in plain.runs)
     wall = tokens_per_second / plain_tokens_per_second
@@ -289,7 +296,7 @@ def benchmark_batches(args, target, draft, prompt_ids, best, sampling, progress)
 def hf_worker(spec_path):
     """The child process that times transformers; prints one JSON line per task.
 
-    It runs apart from MLX, without OpenBLAS bound globally (see benchmark_hf), with
+    It runs apart from MLX, with no BLAS bound globally by cpu_blas (see benchmark_hf), with
     torch at its default threads, as a transformers user would run it.
     """
     import torch
@@ -340,7 +347,7 @@ def benchmark_hf(args, sources, prompt_ids, best_g, progress):
         spec.write_text(json.dumps(dict(target=str(sources["hf_target"]), draft=str(sources["hf_draft"]),
                                         prompt_ids=prompt_ids, max_tokens=args.max_tokens,
                                         repeats=args.repeats, tasks=tasks)))
-        env = dict(os.environ, MLX_T5_NO_OPENBLAS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+        env = dict(os.environ, MLX_T5_BLAS="reference", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
         progress.set_postfix_str("transformers greedy")
         child = subprocess.Popen([sys.executable, __file__, "--hf-worker", str(spec)], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env)
@@ -499,17 +506,17 @@ def plot(results, path):
     speed.legend(handles + more[0], labels + more[1], loc="lower right", fontsize=8)
     speed.set_title("Speculative decoding: measured against theory")
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent, suffix=".png", delete=False) as f:
-        fig.savefig(f, format="png", dpi=120)
-    os.replace(f.name, path)
+    write_atomically(path, "wb", lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
-def write_json(results, path):
-    """Write via a temporary file and a rename, so a failed run leaves no half-written file."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, delete=False, suffix=".tmp") as f:
-        json.dump(results, f, indent=2)
+def write_atomically(path, mode, write):
+    """Call write(file) on a temporary file beside path, then rename it to path.
+
+    A failed run leaves no half-written file behind.
+    """
+    with tempfile.NamedTemporaryFile(mode, dir=Path(path).resolve().parent, delete=False, suffix=".tmp") as f:
+        write(f)
     os.replace(f.name, path)
 
 
@@ -523,13 +530,7 @@ def load_pair(args):
         sources = {"target": args.model, "draft": args.draft_model,
                    "hf_target": args.hf_model, "hf_draft": args.hf_draft_model}
         pair = f"target {args.model}, draft {args.draft_model}"
-    try:
-        target, tokenizer = model.load(sources["target"])
-        draft = model.load(sources["draft"])[0]
-    except model.LoadError as error:
-        raise UsageError(str(error)) from None
-    if draft.vocab_size != target.vocab_size:
-        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
+    target, draft, tokenizer = load_models(sources["target"], sources["draft"])
     return sources, target, draft, tokenizer, pair
 
 
@@ -563,8 +564,6 @@ def run(args):
         c = steps["draft"] / steps["target"]
         rows = [summarize(s, plain, c, steps, sampling.greedy) for s in settings[1:]]
         best = max(rows, key=lambda r: r["wall_speedup"])["num_draft"]
-        accepted = sum(r.stats.accepted for s in settings[1:] for r in s.runs)
-        rejections = sum(r.rejections for s in settings[1:] for r in s.runs)
         results = dict(
             machine=machine(), pair=pair, prompts=len(prompts), max_tokens=args.max_tokens,
             temperature=args.temperature, repeats=args.repeats,
@@ -573,7 +572,7 @@ def run(args):
                        tokens_per_second=statistics.median(r.tokens_per_second for r in plain.runs),
                        seconds=[r.seconds for r in plain.runs]),
             speculative=rows, best_num_draft=best,
-            alpha_pooled=accepted / (accepted + rejections) if accepted + rejections else 0.0,
+            alpha_pooled=per_token_acceptance([r for s in settings[1:] for r in s.runs]),
             outputs_identical=all(r["identical"] for r in rows) if sampling.greedy else None,
             plain_outputs=plain.runs[0].outputs,
         )
@@ -585,7 +584,7 @@ def run(args):
             results["seconds_with_hf"] = time.perf_counter() - began
     print(table(results))
     if args.json:
-        write_json(results, args.json)
+        write_atomically(args.json, "w", lambda f: json.dump(results, f, indent=2))
     if args.plot:
         plot(results, args.plot)
     if "error" in results.get("hf", {}):

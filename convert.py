@@ -6,7 +6,7 @@ Tensors are read, renamed, cast and written one at a time, so peak memory stays 
 one output shard. The output is written to a temporary folder and renamed at the end.
 """
 
-import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
 import argparse
 import json

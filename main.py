@@ -3,7 +3,7 @@
     python main.py --num-draft 5 --delta 0.1 --prompt "translate English to German: ..."
 """
 
-import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
 import argparse
 import json
@@ -102,11 +102,11 @@ def read_prompt_file(path):
     return prompts
 
 
-def load_models(args):
-    """(target, draft or None, tokenizer)."""
+def load_models(target_path, draft_path=None):
+    """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError."""
     try:
-        target, tokenizer = model.load(args.model)
-        draft = None if args.regular_decode else model.load(args.draft_model)[0]
+        target, tokenizer = model.load(target_path)
+        draft = None if draft_path is None else model.load(draft_path)[0]
     except model.LoadError as error:
         raise UsageError(str(error)) from None
     if draft is not None and draft.vocab_size != target.vocab_size:
@@ -188,7 +188,7 @@ def run(args):
     """Check the arguments, load the models once, and decode every prompt."""
     check(args)
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
-    target, draft, tokenizer = load_models(args)
+    target, draft, tokenizer = load_models(args.model, None if args.regular_decode else args.draft_model)
     mx.random.seed(args.seed)
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     stats = [decoder.Stats() for _ in prompts]

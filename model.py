@@ -6,7 +6,7 @@ computes the cross-attention keys/values once, and `decode` runs the decoder ove
 tokens only.
 """
 
-import cpu_blas  # noqa: F401  (binds OpenBLAS before MLX loads on Linux)
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
 import json
 import math

@@ -35,6 +35,7 @@ def one_error_line(result):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
+
 # Tiny T5s (d_model 64, 4 heads, d_ff 128, 2 layers): synthetic.t5_config overrides.
 TINY = {
     "v1": dict(gated=False),  # relu, tied head, decoder output scaled by d_model**-0.5
