@@ -21,7 +21,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from tqdm import tqdm
+
+import model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
@@ -204,27 +207,16 @@ def read_tensors(files):
 
 
 def expected_shapes(config):
-    """MLX names and shapes of the tensors the config implies (lm_head aside: it is optional)."""
-    d, inner, ff, heads = config["d_model"], config["num_heads"] * config["d_kv"], config["d_ff"], config["num_heads"]
-    buckets = config.get("relative_attention_num_buckets", 32)
-    layers = {"encoder": config["num_layers"], "decoder": config.get("num_decoder_layers") or config["num_layers"]}
-    gated = config.get("feed_forward_proj", "relu").startswith("gated")
-    shapes = {"shared.weight": (config["vocab_size"], d)}
-    for stack, count in layers.items():
-        shapes[f"{stack}.position_bias.weight"] = (buckets, heads)
-        shapes[f"{stack}.final_norm.weight"] = (d,)
-        attentions = ["self_attn", "cross_attn"] if stack == "decoder" else ["self_attn"]
-        for i in range(count):
-            layer = f"{stack}.layers.{i}"
-            for attention in attentions:
-                shapes.update({f"{layer}.{attention}.{p}.weight": (inner, d) for p in "qkv"})
-                shapes[f"{layer}.{attention}.o.weight"] = (d, inner)
-                shapes[f"{layer}.{attention}_norm.weight"] = (d,)
-            for name in ["wi_0", "wi_1"] if gated else ["wi"]:
-                shapes[f"{layer}.ffn.{name}.weight"] = (ff, d)
-            shapes[f"{layer}.ffn.wo.weight"] = (d, ff)
-            shapes[f"{layer}.ffn_norm.weight"] = (d,)
-    return shapes
+    """MLX names and shapes of the tensors the config implies (lm_head aside: it is optional).
+
+    Read off the model itself, built lazily (nothing is allocated), so that the two agree.
+    """
+    args = model.ModelArgs.from_config(dict(config, tie_word_embeddings=True))
+    try:
+        t5 = model.T5(args)
+    except KeyError:
+        raise ConvertError(f"feed_forward_proj '{args.feed_forward_proj}' is not supported") from None
+    return {name: tuple(p.shape) for name, p in tree_flatten(t5.parameters())}
 
 
 class ShardWriter:
