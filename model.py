@@ -267,6 +267,10 @@ class Cache:
         self.write_at = 0
         self.lengths = np.zeros(self.batch, dtype=np.int64)
 
+    def capacity(self, slots):
+        """Buffer slots to allocate for `slots` in use: rounded up to a whole step."""
+        return self.step * -(-slots // self.step)
+
     def _resize(self, capacity, slots=None):
         """Buffers of `capacity` slots holding the current ones' slots (or the `slots` chosen per row)."""
         used = self.offset if slots is None else slots.shape[1]
@@ -292,7 +296,7 @@ class Cache:
         """
         padding = np.zeros(self.batch, dtype=np.int64) if padding is None else np.asarray(padding)
         if self.offset + count > self.positions.shape[1]:
-            self._resize(self.step * -(-(self.offset + count) // self.step))
+            self._resize(self.capacity(self.offset + count))
         steps = np.arange(count)
         # Filler sits at HIDDEN_POSITION as key and as query: real queries never see it,
         # and it sees at least itself. A filler query that saw nothing (a row's first
@@ -333,7 +337,8 @@ class Cache:
         for row, live in enumerate(positions != HIDDEN_POSITION):
             found = np.flatnonzero(live)
             slots[row, : len(found)] = found
-        self._resize(self.step * (width // self.step + 1), mx.array(slots))
+        # width + 1: room for the next token, so the next step does not grow it again at once.
+        self._resize(self.capacity(width + 1), mx.array(slots))
         # Rows shorter than the widest were filled with copies of slot 0: hide those.
         filler = np.arange(width)[None] >= self.lengths[:, None]
         self.positions[:, :width] = mx.where(mx.array(filler), HIDDEN_POSITION, self.positions[:, :width])
