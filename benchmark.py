@@ -377,7 +377,7 @@ def cpu_name():
 def machine():
     return dict(platform=platform.platform(), processor=cpu_name(), cpus=os.cpu_count(),
                 device=str(mx.default_device()), dtype=str(model.default_dtype()).replace("mlx.core.", ""),
-                mlx=mx.__version__, openblas=cpu_blas.LOADED)
+                mlx=mx.__version__, blas=cpu_blas.LOADED)
 
 
 def identical_line(results):
@@ -396,7 +396,7 @@ def table(results):
     p, info, rows = results["plain"], results["machine"], results["speculative"]
     lines = [
         f"Machine: {info['platform']}, {info['processor']}, {info['cpus']} CPUs; MLX {info['mlx']} on "
-        f"{info['device']}, {info['dtype']}, BLAS: {info['openblas'] or 'reference'}.",
+        f"{info['device']}, {info['dtype']}, BLAS: {info['blas'] or 'reference'}.",
         f"Workload: {results['prompts']} prompts x {results['max_tokens']} tokens, temperature "
         f"{results['temperature']}, {results['repeats']} repeats (medians), {results['pair']}.",
         f"Plain decoding: {p['tokens_per_second']:.1f} tok/s ({p['tokens']} tokens per run"
