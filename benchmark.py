@@ -192,7 +192,7 @@ def run_speculative(target, draft, prompt_ids, max_tokens, g, sampling):
 
 def step_time(m, prompt_ids, tokens=1):
     """Median seconds of one decode call over `tokens` new tokens, on a warmed cache."""
-    cache = decoder.start(m, [prompt_ids])
+    cache, _ = m.start([prompt_ids])
     mx.eval(m.decode(mx.zeros((1, STEP_CONTEXT), mx.int32), cache))
     new = mx.zeros((1, tokens), mx.int32)
     times = []

@@ -211,11 +211,10 @@ def expected_shapes(config):
 
     Read off the model itself, built lazily (nothing is allocated), so that the two agree.
     """
-    args = model.ModelArgs.from_config(dict(config, tie_word_embeddings=True))
     try:
-        t5 = model.T5(args)
+        t5 = model.build(dict(config, tie_word_embeddings=True))
     except KeyError:
-        raise ConvertError(f"feed_forward_proj '{args.feed_forward_proj}' is not supported") from None
+        raise ConvertError(f"feed_forward_proj '{config.get('feed_forward_proj')}' is not supported") from None
     return {name: tuple(p.shape) for name, p in tree_flatten(t5.parameters())}
 
 

@@ -1,8 +1,7 @@
-"""Plain and speculative decoding for encoder-decoder models, as token generators.
+"""Plain and speculative decoding, as token generators, for any model family.
 
-The decoder talks to a model only through `encode(input_ids)`, `make_cache(memory)`,
-`decode(tokens, cache)` (logits for new tokens; the cache advances past them),
-`cache.trim(count)`, and the `decoder_start_token_id` / `eos_token_id` attributes.
+The decoder talks to a model only through `LanguageModel` below, and to its cache
+only through `DecoderCache`.
 
 Speculative decoding (Leviathan et al. 2023): each step the draft proposes up to
 `num_draft` tokens, the target scores them all in one decode call, the longest accepted
@@ -12,10 +11,43 @@ once per step; the draft loop itself never waits on the device.
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import mlx.core as mx
 
 GREEDY_TEMPERATURE = 1e-6
+
+
+class DecoderCache(Protocol):
+    """Per-row decoding state of one batch (models/cache.py has the shared implementation)."""
+
+    def trim(self, counts) -> None:
+        """Forget the last `counts` tokens: one int for every row, or one per row."""
+
+    def replace_rows(self, rows: list, fresh: "DecoderCache") -> None:
+        """Put the prompts of `fresh` (a cache from `start`) in place of `rows`."""
+
+    def keep_rows(self, rows: list) -> None:
+        """Drop every row not in `rows`."""
+
+
+class LanguageModel(Protocol):
+    """What decoding needs of a model; every family in models/ provides it.
+
+    `start` sets up the context of each prompt (an encoder-decoder encodes it; a causal
+    model prefills it, left-padded, all but its last token) and says which token each
+    row feeds first. `decode` returns logits (batch, n, vocab) for n new tokens per row
+    and advances the cache past them; `padding` (batch,) counts leading filler tokens.
+    """
+
+    vocab_size: int
+    eos_token_id: int
+
+    def start(self, prompts: list) -> tuple:
+        """(cache, first input token of each row) for prompts given as lists of token ids."""
+
+    def decode(self, tokens: mx.array, cache: DecoderCache, padding=None) -> mx.array:
+        """Logits for `tokens` (batch, n); the cache advances past them."""
 
 
 @dataclass
@@ -126,25 +158,17 @@ def sampled_accept(p, q, drafts, delta, key=None):
     return count, sample(residual / residual.sum(), residual_key)
 
 
-def start(model, prompts):
-    """Encode prompts (lists of token ids) in one padded pass; return their decoder cache."""
-    width = max(len(ids) for ids in prompts)
-    ids = mx.array([ids + [0] * (width - len(ids)) for ids in prompts])
-    mask = mx.array([[1] * len(ids) + [0] * (width - len(ids)) for ids in prompts])
-    return model.make_cache(model.encode(ids, mask), mask)
-
-
 def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
     """Plain decoding: yield the model's tokens one by one until EOS or max_tokens."""
     stats = stats if stats is not None else Stats()
     began = time.perf_counter() - stats.seconds  # stats accumulate across calls
-    cache = start(model, [prompt_ids])
+    cache, (first,) = model.start([prompt_ids])
 
     def step(token):
         stats.target_calls += 1
         return choose(model.decode(token.reshape(1, 1), cache)[0, -1], sampling)
 
-    token = step(mx.array(model.decoder_start_token_id))
+    token = step(mx.array(first))
     mx.async_eval(token)
     for n in range(max_tokens):
         # Queue the next step before reading this token, so the device never idles.
@@ -241,13 +265,14 @@ def speculative_batch(
         if not indices:
             return [], None
         now = time.perf_counter()
+        started = [m.start([prompts[i] for i in indices]) for m in models]
         rows = []
-        for i in indices:
+        for i, first in zip(indices, started[0][1]):
             seed = mx.random.randint(0, 2**31 - 1, ()).item()
             # Stats accumulate across calls: time counts on from what they hold.
             began = now - stats[i].seconds
-            rows.append(Row(i, target.decoder_start_token_id, stats[i], began, mx.random.key(seed)))
-        return rows, [start(m, [prompts[i] for i in indices]) for m in models]
+            rows.append(Row(i, first, stats[i], began, mx.random.key(seed)))
+        return rows, [cache for cache, _ in started]
 
     rows, caches = admit(batch_size)
     while rows:

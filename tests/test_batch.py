@@ -8,6 +8,7 @@ from test_decoder import assert_follows
 
 import decoder
 import model
+from models.cache import Cache
 
 SENTENCES = [
     "Return the number of items.",
@@ -77,10 +78,10 @@ def test_greedy_batches_equal_each_prompt_alone(setup, alone_counters, batch_siz
 def test_batches_survive_cache_growth_and_compaction(setup, monkeypatch, batch_size):
     """Tiny preallocation steps make the caches grow, hide many slots, and compact often."""
     target, draft, prompts, alone = setup
-    monkeypatch.setattr(model.Cache, "step", 4)
+    monkeypatch.setattr(Cache, "step", 4)
     compactions = []
-    original = model.Cache.compact
-    monkeypatch.setattr(model.Cache, "compact", lambda cache: (compactions.append(1), original(cache)))
+    original = Cache.compact
+    monkeypatch.setattr(Cache, "compact", lambda cache: (compactions.append(1), original(cache)))
     assert run_batch(target, draft, prompts, batch_size, num_draft=6) == alone
     assert compactions
 

@@ -36,6 +36,9 @@ class Shifted:
     def make_cache(self, memory, mask=None):
         return self.inner.make_cache(memory, mask)
 
+    def start(self, prompts):
+        return self.inner.start(prompts)
+
     def decode(self, tokens, cache, padding=None):
         return mx.roll(self.inner.decode(tokens, cache, padding), 1, axis=-1)
 

@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import convert  # noqa: E402
 import model  # noqa: E402
+from models import t5  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs difference / max abs reference, float32
 
@@ -133,8 +134,8 @@ def test_rows_trimmed_by_different_counts_match_fresh(pair):
 def test_position_buckets_match_transformers(bidirectional):
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    args = model.ModelArgs(vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_heads=4, num_layers=1)
-    bias = model.RelativePositionBias(args, bidirectional)
+    args = t5.ModelArgs(vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_heads=4, num_layers=1)
+    bias = t5.RelativePositionBias(args, bidirectional)
     bias.weight = mx.arange(args.relative_attention_num_buckets)[:, None] * mx.ones((1, 4))
     positions = mx.arange(400)[None]
     ours = np.asarray(bias(positions, positions))[0, 0]
