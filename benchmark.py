@@ -181,7 +181,8 @@ def run_speculative(target, draft, prompt_ids, max_tokens, g, sampling):
     began = time.perf_counter()
     for ids in prompt_ids:
         tokens, calls, accepted, drafted = [], stats.target_calls, stats.accepted, stats.drafted
-        for token in decoder.speculative_generate(target, draft, ids, max_tokens, g, sampling=sampling, stats=stats):
+        for token in decoder.speculative_generate(target, draft, ids, max_tokens, g, sampling=sampling, stats=stats,
+                                                  schedule="constant"):
             tokens.append(token)
             if stats.target_calls != calls:  # the first token of a new step
                 rejections += (stats.accepted - accepted) < (stats.drafted - drafted)
@@ -267,7 +268,8 @@ def batch_tokens_per_second(target, draft, prompt_ids, args, batch_size, g, samp
     for _ in range(args.repeats):
         stats = [decoder.Stats() for _ in prompt_ids]
         began = time.perf_counter()
-        list(decoder.speculative_batch(target, draft, prompt_ids, args.max_tokens, g, 0.0, sampling, batch_size, stats))
+        list(decoder.speculative_batch(target, draft, prompt_ids, args.max_tokens, g, 0.0, sampling, batch_size, stats,
+                                       "constant"))
         rates.append(sum(s.generated for s in stats) / (time.perf_counter() - began))
     return statistics.median(rates)
 

@@ -10,12 +10,14 @@ once per step; the draft loop itself never waits on the device.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import mlx.core as mx
 
-GREEDY_TEMPERATURE = 1e-6
+from drafters import ModelDrafter
+from policy import make_policy
+from sampling import Sampling, choose, distribution, sample  # noqa: F401  (part of this module's interface)
 
 
 class DecoderCache(Protocol):
@@ -50,17 +52,33 @@ class LanguageModel(Protocol):
         """Logits for `tokens` (batch, n); the cache advances past them."""
 
 
-@dataclass
-class Sampling:
-    """How a token is chosen from logits; temperature <= 1e-6 means greedy."""
+class Drafter(Protocol):
+    """Who proposes the drafts (drafters.py: a draft model, or prompt lookup)."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    def start(self, prompts: list, firsts: list) -> None: ...
 
-    @property
-    def greedy(self):
-        return self.temperature <= GREEDY_TEMPERATURE
+    def replace_rows(self, slots: list, prompts: list, firsts: list) -> None: ...
+
+    def keep_rows(self, slots: list) -> None: ...
+
+    def available(self, cap: int) -> int:
+        """How many tokens, at most `cap`, it could propose for some row this step."""
+
+    def propose(self, newest: list, k: int, sampling: Sampling) -> tuple:
+        """(drafts (batch, k), q (batch, k, vocab) or None for a point mass, real drafts per row or None)."""
+
+    def settle(self, newest: list, k: int, accepted: list, proposed: list) -> None: ...
+
+
+class StepPolicy(Protocol):
+    """How many tokens to draft each step (policy.py: constant or adaptive)."""
+
+    def choose(self, rows: list, cap: int) -> int:
+        """k in 0..cap for the rows (prompt indices) of the coming step."""
+
+    def observe(self, rows: list, k: int, drafted: list, accepted: list, seconds: float) -> None: ...
+
+    def forget(self, row: int) -> None: ...
 
 
 @dataclass
@@ -86,33 +104,18 @@ class Stats:
         return dict(asdict(self), acceptance_rate=self.acceptance_rate, tokens_per_second=self.tokens_per_second)
 
 
-def distribution(logits, sampling: Sampling):
-    """Probabilities after temperature, top-k and top-p, over the last axis."""
-    logits = logits.astype(mx.float32) / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth_largest = mx.topk(logits, sampling.top_k, axis=-1).min(axis=-1, keepdims=True)
-        logits = mx.where(logits < kth_largest, -mx.inf, logits)
-    probs = mx.softmax(logits, axis=-1)
-    if sampling.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p.
-        descending = -mx.sort(-probs, axis=-1)
-        mass_before = mx.cumsum(descending, axis=-1) - descending
-        smallest_kept = mx.where(mass_before < sampling.top_p, descending, mx.inf).min(axis=-1, keepdims=True)
-        probs = mx.where(probs < smallest_kept, 0.0, probs)
-        probs = probs / probs.sum(axis=-1, keepdims=True)
-    return probs
+@dataclass
+class Step:
+    """What one step decided for one row; the loop yields one per row per step."""
 
-
-def sample(probs, key=None):
-    """One token index per row of `probs`."""
-    return mx.random.categorical(mx.log(probs), key=key)
-
-
-def choose(logits, sampling: Sampling):
-    """The next token for each row of logits (..., vocab)."""
-    if sampling.greedy:
-        return mx.argmax(logits, axis=-1)
-    return sample(distribution(logits, sampling))
+    index: int  # the prompt's index
+    tokens: list  # emitted this step: accepted drafts, then the target's own (cut at EOS or max_tokens)
+    num_draft: int  # k, drafts asked of the drafter for the whole batch this step
+    drafted: int  # drafts judged useful for this row (real ones, within max_tokens)
+    accepted: int  # of them, accepted
+    finished: bool  # the row met EOS or max_tokens
+    seconds: float  # the step's wall time, shared by its rows
+    host_seconds: float  # of it, the loop's own work on the host (not drafting, verifying or waiting)
 
 
 def leading_true(flags):
@@ -120,13 +123,13 @@ def leading_true(flags):
     return mx.cumprod(flags.astype(mx.int32), axis=-1).sum(axis=-1)
 
 
-def greedy_accept(target_logits, drafts, delta):
-    """Verify greedy drafts: (accepted count, target token after the accepted prefix).
+def greedy_accept(target_logits, drafts, delta, limit=None):
+    """Verify greedy drafts: (accepted count, target token after the accepted prefix), per row.
 
-    target_logits (..., k + 1, vocab) score the positions of drafts (..., k) and one
-    beyond; leading axes are rows of a batch. A draft is accepted when it is the
-    target's argmax, or when delta > 0 and its probability is at least (1 - delta)
-    times the target's largest.
+    target_logits (batch, k + 1, vocab) score the positions of drafts (batch, k) and one
+    beyond. A draft is accepted when it is the target's argmax, or when delta > 0 and
+    its probability is at least (1 - delta) times the target's largest. limit (batch,)
+    caps each row's count (drafts past it are filler).
     """
     best = mx.argmax(target_logits, axis=-1)
     accept = drafts == best[..., :-1]
@@ -135,27 +138,44 @@ def greedy_accept(target_logits, drafts, delta):
         drafted = mx.take_along_axis(probs, drafts[..., None], axis=-1)[..., 0]
         accept = accept | (drafted >= (1 - delta) * probs.max(axis=-1))
     count = leading_true(accept)
+    if limit is not None:
+        count = mx.minimum(count, limit)
     return count, mx.take_along_axis(best, count[..., None], axis=-1)[..., 0]
 
 
-def sampled_accept(p, q, drafts, delta, key=None):
-    """Verify sampled drafts: (accepted count, target token after the accepted prefix).
+def sampled_accept(p, q, drafts, delta, limit=None, key=None):
+    """Verify sampled drafts: (accepted count, target token after the accepted prefix), per row.
 
-    p (k + 1, vocab) is the target's distribution at each draft position and one beyond,
-    q (k, vocab) the draft's. Draft x is accepted with probability min(1, p(x)/q(x) +
-    delta); at the first rejection the token comes from norm(max(0, p - q)), and when
-    all pass from p at the last position. At delta 0 the result is distributed as p.
+    p (batch, k + 1, vocab) is the target's distribution at each draft position and one
+    beyond, q (batch, k, vocab) the drafter's (None: a point mass on each draft). Draft x
+    is accepted with probability min(1, p(x)/q(x) + delta); at the first rejection the
+    token comes from norm(max(0, p - q)), and when all pass from p at the last position.
+    At delta 0 the result is distributed as p.
     """
     accept_key, residual_key = mx.random.split(key) if key is not None else (None, None)
-    k = drafts.shape[0]
-    p_draft = mx.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
-    q_draft = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
-    accept = mx.random.uniform(shape=(k,), key=accept_key) < mx.minimum(1.0, p_draft / q_draft + delta)
+    batch, k = drafts.shape
+    if q is None:
+        q = (mx.arange(p.shape[-1]) == drafts[..., None]).astype(p.dtype)
+    p_draft = mx.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
+    q_draft = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    accept = mx.random.uniform(shape=(batch, k), key=accept_key) < mx.minimum(1.0, p_draft / q_draft + delta)
     count = leading_true(accept)
-    residual = mx.maximum(p - mx.concatenate([q, mx.zeros_like(p[:1])]), 0.0)[count]
+    if limit is not None:
+        count = mx.minimum(count, limit)
+    at = count[:, None, None]
+    residual = mx.take_along_axis(mx.maximum(p - mx.pad(q, [(0, 0), (0, 1), (0, 0)]), 0.0), at, axis=1)[:, 0]
     # A residual of zero mass (p == q) is never reached by a rejection; guard anyway.
-    residual = mx.where(residual.sum() > 0, residual, p[count])
-    return count, sample(residual / residual.sum(), residual_key)
+    mass = residual.sum(axis=-1, keepdims=True)
+    residual = mx.where(mass > 0, residual / mx.maximum(mass, 1e-30), mx.take_along_axis(p, at, axis=1)[:, 0])
+    return count, sample(residual, residual_key)
+
+
+def verify(logits, drafts, q, limit, delta, sampling):
+    """(accepted count, target token) per row, from the target's logits over the drafts."""
+    limit = None if limit is None else mx.array(limit)
+    if sampling.greedy:
+        return greedy_accept(logits, drafts, delta, limit)
+    return sampled_accept(distribution(logits, sampling), q, drafts, delta, limit)
 
 
 def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
@@ -184,160 +204,175 @@ def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
         token = upcoming
 
 
+
 @dataclass
 class Row:
-    """One prompt being decoded: what both models still have to see, and its counters."""
+    """One prompt being decoded: its newest token (the next input) and its counters."""
 
     index: int
     newest: int
     stats: Stats
     began: float
-    key: mx.array
-    unseen_by_draft: list = field(default_factory=list)
     generated: int = 0
 
-    def next_key(self):
-        self.key, key = mx.random.split(self.key)
-        return key
+
+class Batch:
+    """The rows being decoded together, the target's cache and the drafter, refilled from a queue."""
+
+    def __init__(self, target, drafter, prompts, stats, size):
+        self.target, self.drafter, self.prompts, self.stats = target, drafter, prompts, stats
+        self.waiting = iter(range(len(prompts)))
+        self.rows, self.cache = [], None
+        newcomers = self.admit(size)
+        if newcomers:
+            self.rows, self.cache, firsts = newcomers
+            if drafter is not None:
+                drafter.start([prompts[row.index] for row in self.rows], firsts)
+
+    def admit(self, count):
+        """(rows, target cache, first tokens) for up to `count` waiting prompts, or None."""
+        indices = [i for _, i in zip(range(count), self.waiting)]
+        if not indices:
+            return None
+        cache, firsts = self.target.start([self.prompts[i] for i in indices])
+        now = time.perf_counter()
+        # Stats accumulate across calls: time counts on from what they hold.
+        rows = [Row(i, first, self.stats[i], now - self.stats[i].seconds) for i, first in zip(indices, firsts)]
+        return rows, cache, firsts
+
+    def refill(self, finished):
+        """Replace finished rows (slots) with waiting prompts; drop the rest of them."""
+        newcomers = self.admit(len(finished)) if finished else None
+        if newcomers:
+            rows, fresh, firsts = newcomers
+            slots = finished[: len(rows)]
+            for slot, row in zip(slots, rows):
+                self.rows[slot] = row
+            self.cache.replace_rows(slots, fresh)
+            if self.drafter is not None:
+                self.drafter.replace_rows(slots, [self.prompts[row.index] for row in rows], firsts)
+            finished = finished[len(rows) :]
+        if finished:
+            keep = [slot for slot in range(len(self.rows)) if slot not in finished]
+            self.rows = [self.rows[slot] for slot in keep]
+            if keep:
+                self.cache.keep_rows(keep)
+                if self.drafter is not None:
+                    self.drafter.keep_rows(keep)
 
 
-def sample_rows(probs, rows):
-    """One token per row of probs (batch, vocab), each from its row's own random stream."""
-    return mx.stack([sample(p, row.next_key()) for p, row in zip(probs, rows)])
+def speculative_steps(
+    target, drafter, prompts, max_tokens, policy, delta=0.0, sampling=Sampling(), batch_size=1, stats=None
+):
+    """Decode many prompts, `batch_size` at a time, each at its own pace: yield a Step per row per step.
 
-
-def left_padded(sequences):
-    """(tokens (batch, width), padding (batch,)) with each sequence right-aligned."""
-    width = max(len(s) for s in sequences)
-    return mx.array([[0] * (width - len(s)) + s for s in sequences]), [width - len(s) for s in sequences]
-
-
-def propose(draft, cache, inputs, padding, count, sampling, rows):
-    """Let the draft propose `count` tokens per row after `inputs`: (tokens, q or None).
-
-    Nothing here waits on the device: each proposal feeds the next as a lazy array.
+    Each step the policy picks k, the drafter proposes k tokens for every row, the target
+    scores them in one call, and every row keeps its own accepted prefix plus one target
+    token; the host reads the verdict once. After a step the target's cache holds, for
+    each row, exactly its emitted tokens except the newest, which is the next step's
+    input. A finished row (EOS or max_tokens) makes room for the next prompt. With
+    drafter None this is plain decoding.
     """
-    tokens, dists = [], []
-    for _ in range(count):
-        logits = draft.decode(inputs, cache, padding)[:, -1]
-        padding = None
-        if sampling.greedy:
-            token = mx.argmax(logits, axis=-1)
-        else:
-            dists.append(distribution(logits, sampling))
-            token = sample_rows(dists[-1], rows)
-        token = token.astype(mx.int32)
-        mx.async_eval(token)
-        tokens.append(token)
-        inputs = token[:, None]
-    return mx.stack(tokens, axis=1), (mx.stack(dists, axis=1) if dists else None)
+    stats = stats if stats is not None else [Stats() for _ in prompts]
+    batch = Batch(target, drafter, prompts, stats, batch_size)
+    while batch.rows:
+        began = time.perf_counter()
+        rows = batch.rows
+        remaining = [max_tokens - row.generated for row in rows]
+        k = 0
+        if drafter is not None:
+            k = policy.choose([row.index for row in rows], drafter.available(max(remaining) - 1))
+        newest = [row.newest for row in rows]
+        drafting = time.perf_counter()
+        table = draft_and_verify(target, drafter, batch.cache, newest, k, delta, sampling)
+        verified = time.perf_counter()
+        accepted = [row[0] for row in table]
+        proposed = [row[1 : k + 1] for row in table]
+        drafted = [min(row[-1], k, left - 1) for row, left in zip(table, remaining)]
+        batch.cache.trim([k - count for count in accepted])
+        if drafter is not None:
+            drafter.settle(newest, k, accepted, proposed)
+        records = [settle_row(row, entry, k, useful, left, target.eos_token_id)
+                   for row, entry, useful, left in zip(rows, table, drafted, remaining)]
+        seconds = time.perf_counter() - began
+        host = seconds - (verified - drafting)
+        if drafter is not None:
+            policy.observe([row.index for row in rows], k, drafted, [r.accepted for r in records], seconds)
+        finished = []
+        for slot, (row, record) in enumerate(zip(rows, records)):
+            record.seconds, record.host_seconds = seconds, host
+            row.stats.seconds = time.perf_counter() - row.began
+            if record.finished:
+                finished.append(slot)
+                policy.forget(row.index)
+            yield record
+        batch.refill(finished)
 
 
-def verify(logits, drafts, q, delta, sampling, rows):
-    """(accepted count, target token) per row, from the target's logits over the drafts."""
-    if sampling.greedy:
-        return greedy_accept(logits, drafts, delta)
-    p = distribution(logits, sampling)
-    q = q if q is not None else mx.zeros((len(rows), 0, p.shape[-1]))
-    verdicts = [sampled_accept(p[i], q[i], drafts[i], delta, row.next_key()) for i, row in enumerate(rows)]
-    return mx.stack([c for c, _ in verdicts]), mx.stack([t for _, t in verdicts])
+def draft_and_verify(target, drafter, cache, newest, k, delta, sampling):
+    """Draft k tokens per row, score them with the target, verify: one host read.
+
+    Returns per row [accepted count, draft 1 .. draft k, target token, real drafts].
+    """
+    drafts = mx.zeros((len(newest), 0), mx.int32)
+    q = limit = None
+    if k > 0:
+        drafts, q, limit = drafter.propose(newest, k, sampling)
+    logits = target.decode(mx.concatenate([mx.array(newest, mx.int32)[:, None], drafts], axis=1), cache)
+    counts, tokens = verify(logits, drafts, q, limit, delta, sampling)
+    real = mx.full((len(newest), 1), k, mx.int32) if limit is None else mx.array(limit, mx.int32)[:, None]
+    return mx.concatenate([counts[:, None], drafts, tokens[:, None], real], axis=1).astype(mx.int32).tolist()
+
+
+def settle_row(row, entry, k, drafted, left, eos):
+    """Count one row's step in its stats and say what it emits: its Step record."""
+    accepted, *proposed = entry[:-1]
+    emitted = proposed[:accepted] + proposed[k : k + 1]
+    tokens = []
+    for value in emitted[:left]:
+        tokens.append(value)
+        if value == eos:
+            break
+    row.stats.target_calls += 1
+    row.stats.draft_calls += drafted
+    row.stats.drafted += drafted
+    row.stats.accepted += min(accepted, drafted)
+    row.stats.generated += len(tokens)
+    row.generated += len(tokens)
+    row.newest = tokens[-1]
+    finished = len(tokens) >= left or tokens[-1] == eos
+    return Step(row.index, tokens, k, drafted, min(accepted, drafted), finished, 0.0, 0.0)
+
+
+def as_drafter(draft):
+    """A Drafter: `draft` itself, or a ModelDrafter around a draft model, or None."""
+    if draft is None or hasattr(draft, "propose"):
+        return draft
+    return ModelDrafter(draft)
 
 
 def speculative_batch(
-    target, draft, prompts, max_tokens, num_draft=5, delta=0.0, sampling=Sampling(), batch_size=1, stats=None
+    target, draft, prompts, max_tokens, num_draft=5, delta=0.0, sampling=Sampling(), batch_size=1, stats=None,
+    schedule="adaptive",
 ):
-    """Decode many prompts, `batch_size` at a time, each at its own pace: yield (prompt index, token).
+    """Decode many prompts at once: yield (prompt index, token) as tokens are decided.
 
-    Each step the draft proposes k tokens for every row, the target scores them in one
-    call, and every row keeps its own accepted prefix plus one target token. After a
-    step both caches hold, for each row, exactly its emitted tokens except the newest,
-    which is the next step's input; when a row accepted every draft, the draft has not
-    seen its own last proposal, so it is fed that one too. A finished row (EOS or
-    max_tokens) makes room for the next prompt. With draft None this is plain decoding.
+    draft is a draft model, a Drafter, or None (plain decoding); schedule 'adaptive'
+    (num_draft is the cap) or 'constant', or a StepPolicy.
     """
-    stats = stats if stats is not None else [Stats() for _ in prompts]
-    waiting = iter(range(len(prompts)))
-    models = [target] if draft is None else [target, draft]
-
-    def admit(count):
-        """Rows and fresh caches (one per model) for up to `count` waiting prompts."""
-        indices = [i for _, i in zip(range(count), waiting)]
-        if not indices:
-            return [], None
-        now = time.perf_counter()
-        started = [m.start([prompts[i] for i in indices]) for m in models]
-        rows = []
-        for i, first in zip(indices, started[0][1]):
-            seed = mx.random.randint(0, 2**31 - 1, ()).item()
-            # Stats accumulate across calls: time counts on from what they hold.
-            began = now - stats[i].seconds
-            rows.append(Row(i, first, stats[i], began, mx.random.key(seed)))
-        return rows, [cache for cache, _ in started]
-
-    rows, caches = admit(batch_size)
-    while rows:
-        remaining = [max_tokens - row.generated for row in rows]
-        k = 0 if draft is None else min(num_draft, max(remaining) - 1)
-        newest = mx.array([[row.newest] for row in rows])
-        drafts, q = mx.zeros((len(rows), 0), mx.int32), None
-        if k > 0:
-            inputs, padding = left_padded([row.unseen_by_draft + [row.newest] for row in rows])
-            drafts, q = propose(draft, caches[1], inputs, padding, k, sampling, rows)
-        logits = target.decode(mx.concatenate([newest, drafts], axis=1), caches[0])
-        counts, tokens = verify(logits, drafts, q, delta, sampling, rows)
-        table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32).tolist()
-
-        finished = []
-        for slot, (row, (accepted, *proposed), left) in enumerate(zip(rows, table, remaining)):
-            useful = min(k, left - 1)
-            row.stats.target_calls += 1
-            row.stats.draft_calls += useful
-            row.stats.drafted += useful
-            row.stats.accepted += min(accepted, useful)
-            row.unseen_by_draft = proposed[k - 1 : k] if accepted == k else []
-            emitted = proposed[:accepted] + proposed[-1:]
-            row.newest = emitted[-1]
-            done = len(emitted) >= left
-            for value in emitted[:left]:
-                row.generated += 1
-                row.stats.generated += 1
-                row.stats.seconds = time.perf_counter() - row.began
-                yield row.index, value
-                if value == target.eos_token_id:
-                    done = True
-                    break
-            if done:
-                finished.append(slot)
-        caches[0].trim([k - accepted for accepted, *_ in table])
-        if k > 0:
-            caches[1].trim([k - 1 - accepted if accepted < k else 0 for accepted, *_ in table])
-        rows, caches = refill(rows, caches, finished, admit)
-
-
-def refill(rows, caches, finished, admit):
-    """Replace finished rows with waiting prompts; drop the rest of the finished rows."""
-    if not finished:
-        return rows, caches
-    newcomers, fresh = admit(len(finished))
-    for slot, row in zip(finished, newcomers):
-        rows[slot] = row
-    if fresh is not None:
-        for cache, new in zip(caches, fresh):
-            cache.replace_rows(finished[: len(newcomers)], new)
-    keep = [slot for slot in range(len(rows)) if slot not in finished[len(newcomers) :]]
-    if not keep:
-        return [], caches
-    if len(keep) < len(rows):
-        rows = [rows[slot] for slot in keep]
-        for cache in caches:
-            cache.keep_rows(keep)
-    return rows, caches
+    policy = schedule if hasattr(schedule, "choose") else make_policy(schedule, num_draft)
+    for step in speculative_steps(target, as_drafter(draft), prompts, max_tokens, policy, delta, sampling,
+                                  batch_size, stats):
+        for token in step.tokens:
+            yield step.index, token
 
 
 def speculative_generate(
-    target, draft, prompt_ids, max_tokens, num_draft=5, delta=0.0, sampling=Sampling(), stats=None
+    target, draft, prompt_ids, max_tokens, num_draft=5, delta=0.0, sampling=Sampling(), stats=None,
+    schedule="adaptive",
 ):
     """Speculative decoding of one prompt: yield the target's tokens, several per target call."""
     stats = stats if stats is not None else Stats()
-    for _, token in speculative_batch(target, draft, [prompt_ids], max_tokens, num_draft, delta, sampling, 1, [stats]):
+    for _, token in speculative_batch(target, draft, [prompt_ids], max_tokens, num_draft, delta, sampling, 1,
+                                      [stats], schedule):
         yield token

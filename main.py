@@ -51,13 +51,16 @@ def parse_args(argv=None):
     parser.add_argument("--draft-model", default="t5-small", help="draft: converted folder or name under mlx_models/")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--prompt-file", help='JSON lines, each an object with a "prompt" field')
-    parser.add_argument("--num-draft", type=int, default=5, help="draft tokens per step (>= 1)")
+    parser.add_argument("--num-draft", type=int, default=5,
+                        help="draft tokens per step: the cap of the adaptive schedule, the count of the constant one")
+    parser.add_argument("--draft-schedule", choices=["adaptive", "constant"], default="adaptive",
+                        help="adaptive: pick 0..num-draft each step for the most tokens per second; constant: always num-draft")
     parser.add_argument("--delta", type=float, default=0.0, help="acceptance relaxation in [0, 1]; 0 is exact")
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of mass top-p")
-    parser.add_argument("--seed", type=int, default=0, help="random seed, for reproducible sampling")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: sampling reproduces with --draft-schedule constant")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--regular-decode", action="store_true", help="plain decoding with the target only")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
@@ -125,7 +128,8 @@ def token_events(args, target, draft, prompt_ids, stats):
                 yield i, token
         return
     yield from decoder.speculative_batch(
-        target, draft, prompt_ids, args.max_tokens, args.num_draft, args.delta, sampling, args.batch_size, stats
+        target, draft, prompt_ids, args.max_tokens, args.num_draft, args.delta, sampling, args.batch_size, stats,
+        args.draft_schedule,
     )
 
 

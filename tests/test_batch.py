@@ -47,14 +47,14 @@ def alone_counters(setup):
     target, draft, prompts, _ = setup
     stats = [decoder.Stats() for _ in prompts]
     for ids, s in zip(prompts, stats):
-        list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, 4, stats=s))
+        list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, 4, stats=s, schedule="constant"))
     return counters(stats)
 
 
 def run_batch(target, draft, prompts, batch_size, num_draft=4, stats=None, **kwargs):
     outputs = [[] for _ in prompts]
     for index, token in decoder.speculative_batch(
-        target, draft, prompts, MAX_TOKENS, num_draft, batch_size=batch_size, stats=stats, **kwargs
+        target, draft, prompts, MAX_TOKENS, num_draft, batch_size=batch_size, stats=stats, schedule="constant", **kwargs
     ):
         outputs[index].append(token)
     return outputs
@@ -103,7 +103,8 @@ def test_rows_sample_from_their_own_streams(load_pair):
     firsts = []
     for _ in range(150):
         outputs = [[] for _ in range(8)]
-        for index, token in decoder.speculative_batch(target, draft, [ids] * 8, 2, 1, sampling=sampling, batch_size=8):
+        for index, token in decoder.speculative_batch(target, draft, [ids] * 8, 2, 1, sampling=sampling, batch_size=8,
+                                                      schedule="constant"):
             outputs[index].append(token)
         firsts.extend(tokens[0] for tokens in outputs)
     assert len(set(map(tuple, outputs))) > 1

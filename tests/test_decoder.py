@@ -96,7 +96,7 @@ def test_greedy_speculative_equals_target_greedy(pairs, greedy_reference, name):
         stats = decoder.Stats()
         for ids, expected in zip(prompt_ids(tokenizer), greedy_reference[name]):
             before = stats.generated
-            tokens = list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=k, stats=stats))
+            tokens = list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=k, stats=stats, schedule="constant"))
             assert tokens == expected, (name, k)
             assert stats.generated - before == len(tokens)
         low, high = ACCEPTANCE[name]
@@ -112,7 +112,7 @@ def test_full_acceptance_needs_one_target_call_per_k_plus_1_tokens(pairs):
     for k in range(1, 9):
         for max_tokens in (1, 2, k, k + 1, 25):
             stats = decoder.Stats()
-            tokens = list(decoder.speculative_generate(target, target, ids, max_tokens, num_draft=k, stats=stats))
+            tokens = list(decoder.speculative_generate(target, target, ids, max_tokens, num_draft=k, stats=stats, schedule="constant"))
             if target.eos_token_id in tokens:
                 continue
             assert len(tokens) == stats.generated == max_tokens
@@ -126,7 +126,7 @@ def test_max_tokens_is_exact(pairs, max_tokens):
     ids = prompt_ids(tokenizer)[2]
     plain = list(decoder.generate(target, ids, max_tokens))
     for k in range(1, 9):
-        tokens = list(decoder.speculative_generate(target, draft, ids, max_tokens, num_draft=k))
+        tokens = list(decoder.speculative_generate(target, draft, ids, max_tokens, num_draft=k, schedule="constant"))
         assert tokens == plain
         assert len(tokens) == max_tokens or tokens[-1] == target.eos_token_id
 
@@ -135,7 +135,7 @@ def test_delta_one_accepts_every_draft(pairs):
     target, draft, tokenizer = pairs["rarely"]
     stats = decoder.Stats()
     for ids in prompt_ids(tokenizer):
-        list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=4, delta=1.0, stats=stats))
+        list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=4, delta=1.0, stats=stats, schedule="constant"))
     assert stats.drafted > 0 and stats.acceptance_rate == 1.0
 
 
@@ -145,7 +145,7 @@ def test_delta_raises_acceptance(pairs):
     for delta in (0.0, 0.9):
         stats = decoder.Stats()
         for ids in prompt_ids(tokenizer):
-            list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=4, delta=delta, stats=stats))
+            list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=4, delta=delta, stats=stats, schedule="constant"))
         rates.append(stats.acceptance_rate)
     assert rates[1] > rates[0]
 
@@ -160,7 +160,7 @@ def test_eos_inside_a_draft_stops_decoding(pairs, position):
     assert plain[-1] == target.eos_token_id and len(plain) == position + 1
     for k in (4, 8):
         stats = decoder.Stats()
-        tokens = list(decoder.speculative_generate(ending, ending, ids, MAX_TOKENS, num_draft=k, stats=stats))
+        tokens = list(decoder.speculative_generate(ending, ending, ids, MAX_TOKENS, num_draft=k, stats=stats, schedule="constant"))
         assert tokens == plain and stats.generated == position + 1
 
 
@@ -215,8 +215,8 @@ def test_acceptance_step_yields_the_target_distribution(temperature, top_k, top_
     for key in mx.random.split(mx.random.key(7), 6000):
         draw_key, accept_key = mx.random.split(key)
         x = decoder.sample(q, draw_key).astype(mx.int32)
-        count, token = decoder.sampled_accept(p, q, x, 0.0, accept_key)
-        emitted.append(mx.where(count == 1, x[0], token))
+        count, token = decoder.sampled_accept(p[None], q[None], x[None], 0.0, key=accept_key)
+        emitted.append(mx.where(count[0] == 1, x[0], token[0]))
     samples = np.array(mx.stack(emitted)).astype(np.int64)
     expected = reference_distribution(np.asarray(target_logits[0]), temperature, top_k, top_p)
     assert_follows(samples, expected)
@@ -233,7 +233,7 @@ def test_first_sampled_tokens_follow_the_target(load_pair):
     support = np.flatnonzero(expected)
     mx.random.seed(3)
     firsts = [
-        next(decoder.speculative_generate(target, draft, ids, 2, num_draft=1, sampling=sampling))
+        next(decoder.speculative_generate(target, draft, ids, 2, num_draft=1, sampling=sampling, schedule="constant"))
         for _ in range(1500)
     ]
     assert set(firsts) <= set(support.tolist())
@@ -246,7 +246,8 @@ def test_seed_makes_sampling_reproducible_and_calls_independent(load_pair):
     sampling = decoder.Sampling(temperature=1.0)
 
     def run():
-        return [list(decoder.speculative_generate(target, draft, ids, 12, 3, sampling=sampling)) for _ in range(2)]
+        return [list(decoder.speculative_generate(target, draft, ids, 12, 3, sampling=sampling, schedule="constant"))
+                for _ in range(2)]
 
     mx.random.seed(11)
     first = run()

@@ -1,0 +1,122 @@
+"""Step policies: how many tokens to draft before each target pass.
+
+The decoding loop asks its policy for k before every step (0 means a plain target
+step) and tells it afterwards how the step went. `ConstantPolicy` always drafts the
+same number; `AdaptivePolicy` picks the k that maximises expected tokens per second
+from what it has measured in this process.
+"""
+
+import statistics
+from collections import deque
+
+
+class ConstantPolicy:
+    """Draft exactly `num_draft` tokens every step (fewer only where max_tokens leaves no room)."""
+
+    def __init__(self, num_draft):
+        self.num_draft = num_draft
+
+    def choose(self, rows, cap):
+        return min(self.num_draft, cap)
+
+    def observe(self, rows, k, drafted, accepted, seconds):
+        pass
+
+    def forget(self, row):
+        pass
+
+
+class StepCosts:
+    """Wall seconds of a decoding step with k drafts at each batch size, measured in this process.
+
+    A step's time is the whole of it: k draft calls, the target's (k + 1)-token pass, the
+    acceptance and the loop's host work, timed from one host read to the next, so timing
+    adds no device synchronisation. The first step of each (batch, k) is left out (it
+    pays one-off allocations); the median of the last few is kept.
+    """
+
+    kept = 5
+
+    def __init__(self):
+        self.samples = {}
+
+    def record(self, batch, k, seconds):
+        key = (batch, k)
+        if key not in self.samples:
+            self.samples[key] = deque(maxlen=self.kept)  # the warm-up step: not kept
+            return
+        self.samples[key].append(seconds)
+
+    def known(self, batch, k):
+        return bool(self.samples.get((batch, k)))
+
+    def seconds(self, batch, k):
+        return statistics.median(self.samples[(batch, k)])
+
+
+def expected_tokens(a, k):
+    """Tokens a step emits on average: accepted drafts (each with probability a, until the
+    first rejection) plus the target's own token, (1 - a**(k+1)) / (1 - a)."""
+    return k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+
+
+class AdaptivePolicy:
+    """Pick k in 0..num_draft maximising expected tokens per second for the batch.
+
+    rate(k) = sum over rows of expected_tokens(a_row, k) / seconds(batch, k), with a_row
+    a running per-row estimate of per-token acceptance and seconds from StepCosts. One k
+    serves the whole batch (rows cannot draft different numbers in one padded pass).
+    Every k is first tried once past its warm-up, so each is judged on a measured cost.
+    """
+
+    prior_weight = 2.0  # a new row starts from the pooled acceptance, worth this many drafts
+    memory = 0.9  # per step: estimates follow the last ~10 steps, so a row's drift shows
+    probe_after = 16  # plain steps in a row before one draft token is tried again
+
+    def __init__(self, num_draft, costs=None):
+        self.num_draft = num_draft
+        self.costs = costs if costs is not None else StepCosts()
+        self.rows = {}  # row index -> [accepted, judged], decayed
+        self.pooled = [0.0, 0.0]
+        self.plain_streak = 0
+
+    def acceptance(self, row):
+        """The row's per-token acceptance estimate, pulled towards the pooled one."""
+        pooled = (self.pooled[0] + 1) / (self.pooled[1] + 2)
+        accepted, judged = self.rows.get(row, (0.0, 0.0))
+        return (accepted + self.prior_weight * pooled) / (judged + self.prior_weight)
+
+    def rate(self, rows, k):
+        tokens = sum(expected_tokens(self.acceptance(row), k) for row in rows)
+        return tokens / self.costs.seconds(len(rows), k)
+
+    def choose(self, rows, cap):
+        candidates = range(min(self.num_draft, cap) + 1)
+        for k in candidates:
+            if not self.costs.known(len(rows), k):
+                return k  # explore: a real step, timed
+        best = max(candidates, key=lambda k: self.rate(rows, k))
+        self.plain_streak = self.plain_streak + 1 if best == 0 else 0
+        if self.plain_streak > self.probe_after and cap > 0:
+            # Acceptance is only seen while drafting: look again now and then.
+            self.plain_streak = 0
+            return 1
+        return best
+
+    def observe(self, rows, k, drafted, accepted, seconds):
+        """Learn from a finished step: k drafts asked for, `drafted` and `accepted` per row, its wall time."""
+        self.costs.record(len(rows), k, seconds)
+        for row, proposed, count in zip(rows, drafted, accepted):
+            judged = min(proposed, count + 1)  # drafts are judged until the first rejection
+            past = self.rows.get(row, (0.0, 0.0))
+            self.rows[row] = (self.memory * past[0] + count, self.memory * past[1] + judged)
+            self.pooled[0] += count
+            self.pooled[1] += judged
+
+    def forget(self, row):
+        self.rows.pop(row, None)
+
+
+def make_policy(schedule, num_draft):
+    """The policy a --draft-schedule names: 'adaptive' (num_draft is its cap) or 'constant'."""
+    return AdaptivePolicy(num_draft) if schedule == "adaptive" else ConstantPolicy(num_draft)

@@ -1,0 +1,112 @@
+"""Speculative decoding when k changes from step to step: the adaptive schedule and k = 0 steps."""
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import OFTEN, RARELY
+from test_decoder import MAX_TOKENS, PROMPTS, assert_follows, prompt_ids
+
+import decoder
+import policy
+
+
+class RandomPolicy:
+    """Draws k uniformly from 0..cap each step (seeded): k = 0 steps and every change of k."""
+
+    def __init__(self, seed, num_draft=6):
+        self.rng, self.num_draft, self.chosen = random.Random(seed), num_draft, []
+
+    def choose(self, rows, cap):
+        self.chosen.append(self.rng.randint(0, min(self.num_draft, cap)))
+        return self.chosen[-1]
+
+    def observe(self, rows, k, drafted, accepted, seconds):
+        pass
+
+    def forget(self, row):
+        pass
+
+
+@pytest.fixture(scope="module")
+def often(load_pair):
+    target, draft, tokenizer = load_pair(OFTEN)
+    ids = prompt_ids(tokenizer)
+    return target, draft, ids, [list(decoder.generate(target, p, MAX_TOKENS)) for p in ids]
+
+
+def test_adaptive_greedy_equals_target_greedy(often):
+    target, draft, prompts, reference = often
+    chosen = policy.AdaptivePolicy(8)
+    for _ in range(2):  # the second round runs on costs measured in the first
+        for ids, expected in zip(prompts, reference):
+            stats = decoder.Stats()
+            tokens = list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, stats=stats, schedule=chosen))
+            assert tokens == expected
+            assert stats.generated == len(tokens) and stats.accepted <= stats.drafted
+    assert stats.drafted > 0  # it did draft: this pair agrees often
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_output_is_exact_whatever_k_each_step(often, seed):
+    target, draft, prompts, reference = often
+    chooser = RandomPolicy(seed)
+    for ids, expected in zip(prompts, reference):
+        assert list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, schedule=chooser)) == expected
+    assert 0 in chooser.chosen and len(set(chooser.chosen)) >= 4
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_batches_with_changing_k_equal_each_prompt_alone(often, batch_size):
+    target, draft, prompts, reference = often
+    outputs = [[] for _ in prompts]
+    for index, token in decoder.speculative_batch(target, draft, prompts, MAX_TOKENS, batch_size=batch_size,
+                                                  schedule=RandomPolicy(batch_size)):
+        outputs[index].append(token)
+    assert outputs == reference
+
+
+def test_k_zero_steps_are_plain_target_steps(often):
+    """A schedule of k = 0 only: one target call per token, nothing drafted."""
+    target, draft, prompts, reference = often
+    stats = decoder.Stats()
+    zero = policy.ConstantPolicy(0)
+    assert list(decoder.speculative_generate(target, draft, prompts[0], MAX_TOKENS, stats=stats, schedule=zero)) \
+        == reference[0]
+    assert stats.target_calls == stats.generated and stats.drafted == stats.draft_calls == 0
+
+
+def test_steps_report_what_callers_need(often):
+    target, draft, prompts, reference = often
+    records = list(decoder.speculative_steps(target, decoder.as_drafter(draft), prompts, MAX_TOKENS,
+                                             RandomPolicy(9), batch_size=2))
+    for index, expected in enumerate(reference):
+        mine = [r for r in records if r.index == index]
+        assert [t for r in mine for t in r.tokens] == expected
+        assert [r.finished for r in mine] == [False] * (len(mine) - 1) + [True]
+        for r in mine:
+            assert 0 <= r.accepted <= r.drafted <= r.num_draft and 1 <= len(r.tokens) <= r.accepted + 1
+            assert 0 <= r.host_seconds <= r.seconds
+
+
+def test_sampled_tokens_follow_the_target_when_k_changes(load_pair):
+    """The first two tokens under a random k per step are distributed as the target's own two."""
+    target, draft, tokenizer = load_pair(RARELY)
+    ids = tokenizer(PROMPTS[0]).input_ids
+    sampling = decoder.Sampling(temperature=1.0, top_k=4)
+    cache, (first,) = target.start([ids])
+    p1 = np.asarray(decoder.distribution(target.decode(mx.array([[first]]), cache)[0, -1], sampling))
+    # The second token's marginal: sum over first tokens x of p(x) * p(. | x).
+    p2 = np.zeros_like(p1)
+    for x in np.flatnonzero(p1):
+        cache, _ = target.start([ids])
+        logits = target.decode(mx.array([[first, int(x)]]), cache)[0, -1]
+        p2 += p1[x] * np.asarray(decoder.distribution(logits, sampling))
+    mx.random.seed(4)
+    chooser = RandomPolicy(4, num_draft=3)
+    pairs = [list(decoder.speculative_generate(target, draft, ids, 2, sampling=sampling, schedule=chooser))
+             for _ in range(1500)]
+    assert 0 in chooser.chosen and 1 in chooser.chosen
+    assert_follows(np.array([p[0] for p in pairs]), p1)
+    assert_follows(np.array([p[1] for p in pairs]), p2 / p2.sum())
