@@ -67,11 +67,14 @@ class Drafter(Protocol):
     def propose(self, newest: list, k: int, sampling: Sampling) -> tuple:
         """(drafts (batch, k), q (batch, k, vocab) or None for a point mass, real drafts per row or None)."""
 
-    def settle(self, newest: list, k: int, accepted: list, proposed: list) -> None: ...
+    def settle(self, newest: list, k: int, accepted: list, proposed: list, verdicts: list) -> None:
+        """Learn the step's outcome: accepted count, the k drafts and the target's token, per row."""
 
 
 class StepPolicy(Protocol):
     """How many tokens to draft each step (policy.py: constant or adaptive)."""
+
+    num_draft: int  # the most it ever asks for
 
     def choose(self, rows: list, cap: int) -> int:
         """k in 0..cap for the rows (prompt indices) of the coming step."""
@@ -281,17 +284,19 @@ def speculative_steps(
         remaining = [max_tokens - row.generated for row in rows]
         k = 0
         if drafter is not None:
-            k = policy.choose([row.index for row in rows], drafter.available(max(remaining) - 1))
+            cap = drafter.available(min(policy.num_draft, max(remaining) - 1))
+            k = policy.choose([row.index for row in rows], cap)
         newest = [row.newest for row in rows]
         drafting = time.perf_counter()
         table = draft_and_verify(target, drafter, batch.cache, newest, k, delta, sampling)
         verified = time.perf_counter()
         accepted = [row[0] for row in table]
         proposed = [row[1 : k + 1] for row in table]
+        verdicts = [row[k + 1] for row in table]
         drafted = [min(row[-1], k, left - 1) for row, left in zip(table, remaining)]
         batch.cache.trim([k - count for count in accepted])
         if drafter is not None:
-            drafter.settle(newest, k, accepted, proposed)
+            drafter.settle(newest, k, accepted, proposed, verdicts)
         records = [settle_row(row, entry, k, useful, left, target.eos_token_id)
                    for row, entry, useful, left in zip(rows, table, drafted, remaining)]
         seconds = time.perf_counter() - began

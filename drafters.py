@@ -3,7 +3,7 @@
 A drafter serves one batch of rows (slots). The decoding loop calls `start` with the
 batch's prompts, then before each step `available(cap)` (how many tokens it could
 propose at most) and `propose(newest, k, sampling)`, after it `settle(newest, k,
-accepted, proposed)`; `replace_rows` and `keep_rows` follow the batch as prompts come and go.
+accepted, proposed, verdicts)`; `replace_rows` and `keep_rows` follow the batch as prompts come and go.
 
 `propose` returns (drafts (batch, k) int32, q, counts): q is the drafter's distribution
 (batch, k, vocab) for sampled acceptance, or None for a deterministic drafter (a point
@@ -72,10 +72,11 @@ class ModelDrafter:
             inputs = token[:, None]
         return mx.stack(tokens, axis=1), (mx.stack(dists, axis=1) if dists else None), None
 
-    def settle(self, newest, k, accepted, proposed):
+    def settle(self, newest, k, accepted, proposed, verdicts):
         """Trim what the draft saw past each row's accepted prefix; note what it has not seen.
 
-        newest: the tokens this step fed the target first; proposed: each row's k drafts.
+        newest: the tokens this step fed the target first; proposed: each row's k drafts;
+        verdicts: the target's token after each row's accepted prefix.
         """
         if k == 0:
             # The draft did not run, so it was not fed this step's input either.
@@ -84,3 +85,80 @@ class ModelDrafter:
         # The draft consumed its inputs and its first k - 1 proposals.
         self.cache.trim([k - 1 - count if count < k else 0 for count in accepted])
         self.unseen = [drafts[k - 1 :] if count == k else [] for count, drafts in zip(accepted, proposed)]
+
+
+class PromptLookupDrafter:
+    """Drafts by copying: the text so far is searched for its own latest n tokens.
+
+    Each row's history is its prompt followed by its output. Before a step, the longest
+    suffix of the output (n from ngram_max down to 1) that occurred earlier in the
+    history, most recent occurrence first, proposes the tokens that followed it; the
+    copy runs on through the proposal itself, so a repeating span keeps repeating. No
+    match: the row proposes nothing. Deterministic, so q is a point mass; it needs no
+    model, so a draft costs only this host-side lookup. For a decoder-only model the
+    prompt is the start of the output (a row's first input is its prompt's last token);
+    for T5 the output is the decoder's own tokens and the prompt is only searched.
+    """
+
+    def __init__(self, ngram_max=3):
+        self.ngram_max = ngram_max
+        self.rows = []
+
+    def start(self, prompts, firsts):
+        self.rows = [History(prompt, first, self.ngram_max) for prompt, first in zip(prompts, firsts)]
+
+    def replace_rows(self, slots, prompts, firsts):
+        for slot, prompt, first in zip(slots, prompts, firsts):
+            self.rows[slot] = History(prompt, first, self.ngram_max)
+
+    def keep_rows(self, slots):
+        self.rows = [self.rows[slot] for slot in slots]
+
+    def available(self, cap):
+        self.proposals = [row.lookup(cap) for row in self.rows]
+        return max(map(len, self.proposals), default=0)
+
+    def propose(self, newest, k, sampling):
+        counts = [min(len(p), k) for p in self.proposals]
+        # Rows with fewer proposals are filled up with token 0; `counts` keeps them from being accepted.
+        drafts = [p[:k] + [0] * (k - count) for p, count in zip(self.proposals, counts)]
+        return mx.array(drafts, mx.int32), None, counts
+
+    def settle(self, newest, k, accepted, proposed, verdicts):
+        for row, count, drafts, verdict in zip(self.rows, accepted, proposed, verdicts):
+            row.extend(drafts[:count] + [verdict])
+
+
+class History:
+    """One row's prompt and output, with the position that followed each n-gram's latest occurrence."""
+
+    def __init__(self, prompt, first, ngram_max):
+        self.ngram_max = ngram_max
+        self.tokens = []
+        self.follows = {}  # n-gram (tuple) -> index of the token after its latest occurrence
+        continues = bool(prompt) and first == prompt[-1]
+        self.extend(prompt if continues else prompt + [first])
+        # Suffixes are taken from the output: a decoder-only model's output starts with its prompt.
+        self.output_start = 0 if continues else len(prompt)
+
+    def extend(self, tokens):
+        for token in tokens:
+            end = len(self.tokens)
+            for n in range(1, min(self.ngram_max, end) + 1):
+                self.follows[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(token)
+
+    def lookup(self, cap):
+        """Up to `cap` tokens that followed the latest earlier occurrence of the longest suffix."""
+        if cap <= 0:
+            return []
+        output = len(self.tokens) - self.output_start
+        for n in range(min(self.ngram_max, output), 0, -1):
+            start = self.follows.get(tuple(self.tokens[-n:]))
+            if start is not None:
+                proposal = []
+                for i in range(cap):
+                    at = start + i
+                    proposal.append(self.tokens[at] if at < len(self.tokens) else proposal[at - len(self.tokens)])
+                return proposal
+        return []

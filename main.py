@@ -14,6 +14,7 @@ import time
 import mlx.core as mx
 
 import decoder
+import drafters
 import model
 
 DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
@@ -55,6 +56,9 @@ def parse_args(argv=None):
                         help="draft tokens per step: the cap of the adaptive schedule, the count of the constant one")
     parser.add_argument("--draft-schedule", choices=["adaptive", "constant"], default="adaptive",
                         help="adaptive: pick 0..num-draft each step for the most tokens per second; constant: always num-draft")
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="draft by copying from the prompt and the output so far; loads no draft model")
+    parser.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest suffix matched (>= 1)")
     parser.add_argument("--delta", type=float, default=0.0, help="acceptance relaxation in [0, 1]; 0 is exact")
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
@@ -78,6 +82,8 @@ def check(args):
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
         (0 <= args.seed < 2**64, f"--seed must lie in [0, 2**64), got {args.seed}"),
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (args.ngram_max >= 1, f"--ngram-max must be at least 1, got {args.ngram_max}"),
+        (not (args.prompt_lookup and args.regular_decode), "--prompt-lookup and --regular-decode exclude each other"),
     ])
 
 
@@ -192,7 +198,10 @@ def run(args):
     """Check the arguments, load the models once, and decode every prompt."""
     check(args)
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
-    target, draft, tokenizer = load_models(args.model, None if args.regular_decode else args.draft_model)
+    own_draft = not (args.regular_decode or args.prompt_lookup)
+    target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None)
+    if args.prompt_lookup:
+        draft = drafters.PromptLookupDrafter(args.ngram_max)
     mx.random.seed(args.seed)
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     stats = [decoder.Stats() for _ in prompts]
