@@ -2,16 +2,21 @@
 
     python benchmark.py                       # offline synthetic pair, built in seconds
     python benchmark.py --compare-hf --plot bench.png --json bench.json
+    python benchmark.py --eps 0.02 0.05 0.2 0.5 --delta 0 0.1 0.3 --prompt-lookup
     python benchmark.py --model t5-11b --draft-model t5-small \\
         --compare-hf --hf-model t5-11b --hf-draft-model t5-small
 
-For each number of draft tokens g it reports, in one warmed-up process with medians of
-several repeats: the speedup in wall time and in target forward passes, the acceptance
-rate, tokens per second, and the speedup theory predicts (Leviathan et al. 2023):
-(1 - a**(g+1)) / ((1 - a) * (g*c + 1)), with a the per-token acceptance probability and
-c the cost ratio (draft step time / target step time), both measured here; efficiency
-is measured / predicted. Plain and speculative runs take turns (one round of every
-setting, then the next round), so a slow spell of the machine hits them all alike.
+g (num-draft) is the number of tokens the draft proposes per step. For each g, and for
+the adaptive schedule (which picks 0..max g before every step), it reports in one
+warmed-up process with medians of several repeats: the speedup in wall time and in
+target forward passes, the acceptance, tokens per second, and the speedup theory
+predicts (Leviathan et al. 2023), (1 - a**(g+1)) / ((1 - a) * (g*c + 1)), with a the
+per-token acceptance and c the cost ratio (draft step / target step), both measured
+here; and the prediction from the costs measured on this machine, where the target's
+pass over g + 1 tokens costs verify(g + 1) target steps rather than one. Host ms is
+the loop's own work per step, timed inside the loop. Plain and speculative runs take
+turns (one round of every setting, then the next round), so a slow spell of the
+machine hits them all alike.
 """
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
@@ -33,11 +38,13 @@ import mlx.core as mx
 from tqdm import tqdm
 
 import decoder
+import drafters
 import model
+import policy
 import synthetic
 from main import UsageError, guarded, load_models, read_prompt_file, require
 
-# Two prompts x 128 tokens x 3 repeats x 9 settings keep the default run near four minutes here.
+# Two prompts x 128 tokens x 3 repeats keep the default run within a few minutes here.
 PROMPTS = [
     "Return a new dictionary initialized from an optional positional argument and keyword arguments.",
     "Create a new parser object with the given description, then add the arguments the program accepts.",
@@ -62,27 +69,35 @@ STEP_CONTEXT = 64
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Benchmark speculative decoding of T5 on MLX against plain decoding, theory and transformers."
+        description="Benchmark speculative decoding on MLX against plain decoding, theory and transformers. "
+                    "g (num-draft) is the number of tokens drafted per step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", help="target (converted folder or name); default: the synthetic pair")
     parser.add_argument("--draft-model", help="draft (converted folder or name)")
     parser.add_argument("--prompt-file", help='JSON lines with a "prompt" field; default: two built-in prompts')
-    parser.add_argument("--num-draft", type=int, nargs="+", default=list(range(1, 9)), help="g values [1 .. 8]")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt [128]")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy [0]")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting; medians are reported [3]")
+    parser.add_argument("--num-draft", type=int, nargs="+", default=list(range(1, 9)),
+                        help="g values: drafts per step for the constant schedule; the largest caps the adaptive one")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--delta", type=float, nargs="+", default=[0.0],
+                        help="acceptance relaxations: each value above 0 adds an adaptive row and says how far "
+                             "its output departs from the exact (delta 0) output")
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="add a row drafting by prompt lookup (no draft model), adaptive up to the largest g")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting; medians are reported")
     parser.add_argument("--batch-size", type=int, nargs="+", help="also time batched decoding at these sizes")
     parser.add_argument("--compare-hf", action="store_true",
                         help="also time transformers' greedy and assisted generation (needs torch)")
     parser.add_argument("--hf-model", help="with --model and --compare-hf: the Hugging Face checkpoint of the target")
     parser.add_argument("--hf-draft-model", help="with --draft-model and --compare-hf: that of the draft")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--plot", help="draw speedup and acceptance against num-draft into this PNG (matplotlib)")
-    parser.add_argument("--eps", type=float, default=PAIR["eps"], help=f"synthetic pair: eps [{PAIR['eps']}]")
-    parser.add_argument("--layers", type=int, default=PAIR["target_layers"],
-                        help=f"synthetic pair: target layers [{PAIR['target_layers']}]")
-    parser.add_argument("--d-model", type=int, default=PAIR["d_model"],
-                        help=f"synthetic pair: d_model [{PAIR['d_model']}]")
+    parser.add_argument("--plot", help="draw speedup and acceptance against g into this PNG (matplotlib)")
+    parser.add_argument("--eps", type=float, nargs="+", default=[PAIR["eps"]],
+                        help="synthetic pair: how far the target strays from the draft (the scale of its extra "
+                             "layers; 0 is the draft's own function); several values sweep them")
+    parser.add_argument("--layers", type=int, default=PAIR["target_layers"], help="synthetic pair: target layers")
+    parser.add_argument("--d-model", type=int, default=PAIR["d_model"], help="synthetic pair: d_model")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: the transformers child process
     return parser.parse_args(argv)
 
@@ -98,6 +113,7 @@ def check(args):
         (args.max_tokens >= 1, "--max-tokens must be at least 1"),
         (args.repeats >= 1, "--repeats must be at least 1"),
         (args.temperature >= 0, "--temperature must not be negative"),
+        (all(0 <= d <= 1 for d in args.delta), "--delta values must lie in [0, 1]"),
         (not args.batch_size or all(b >= 1 for b in args.batch_size), "--batch-size values must be at least 1"),
         ((args.model is None) == (args.draft_model is None), "give both --model and --draft-model, or neither"),
         ((args.hf_model is None) == (args.hf_draft_model is None), "give both --hf-model and --hf-draft-model, or neither"),
@@ -105,9 +121,10 @@ def check(args):
         (args.hf_model is None or args.compare_hf, "--hf-model and --hf-draft-model need --compare-hf"),
         (not (args.compare_hf and args.model and not args.hf_model),
          "--compare-hf with --model needs --hf-model and --hf-draft-model (the Hugging Face checkpoints)"),
+        (args.model is None or len(args.eps) == 1, "--eps shapes the synthetic pair; it does not go with --model"),
         (args.layers > PAIR["draft_layers"], f"--layers must exceed the draft's {PAIR['draft_layers']}"),
         (args.d_model >= 8 and args.d_model % 8 == 0, "--d-model must be a positive multiple of 8 (8 heads)"),
-        (args.eps >= 0, "--eps must not be negative"),
+        (all(e >= 0 for e in args.eps), "--eps values must not be negative"),
         (writable(args.json), f"--json: no folder for {args.json}"),
         (writable(args.plot), f"--plot: no folder for {args.plot}"),
     ])
@@ -145,22 +162,26 @@ def predicted_speedup(a, g, c, verify_cost=1.0):
     verify_cost is the target's (g + 1)-token pass in single-token steps; the theory
     takes it as 1, which holds where that pass is bound by reading the weights.
     """
-    tokens_per_step = g + 1 if a >= 1 else (1 - a ** (g + 1)) / (1 - a)
-    return tokens_per_step / (g * c + verify_cost)
+    return policy.expected_tokens(a, g) / (g * c + verify_cost)
 
 
 @dataclass
 class Run:
-    """One timed pass over all prompts with one setting."""
+    """One timed pass over all prompts with one setting, and its steps' records."""
 
     seconds: float
     outputs: list
     stats: decoder.Stats
-    rejections: int = 0
+    steps: list = field(default_factory=list)  # one decoder.Step per step (batch 1)
 
     @property
     def tokens_per_second(self):
         return self.stats.generated / self.seconds
+
+    @property
+    def rejections(self):
+        """Steps that ended at a rejected draft (it accepted fewer than it judged)."""
+        return sum(step.accepted < step.drafted for step in self.steps)
 
 
 def run_plain(target, prompt_ids, max_tokens, sampling):
@@ -170,25 +191,33 @@ def run_plain(target, prompt_ids, max_tokens, sampling):
     return Run(time.perf_counter() - began, outputs, stats)
 
 
-def run_speculative(target, draft, prompt_ids, max_tokens, g, sampling):
-    """Speculative decoding of every prompt, counting the steps that ended at a rejection.
+@dataclass
+class Setting:
+    """Plain decoding (g 0), or speculative decoding with a schedule, a drafter and a delta."""
 
-    A step ends at a rejection when it accepted fewer drafts than it judged; with the
-    accepted drafts that gives the per-token acceptance a (see `summarize`). The count
-    costs a few integer comparisons per token.
-    """
-    stats, rejections, outputs = decoder.Stats(), 0, []
-    began = time.perf_counter()
-    for ids in prompt_ids:
-        tokens, calls, accepted, drafted = [], stats.target_calls, stats.accepted, stats.drafted
-        for token in decoder.speculative_generate(target, draft, ids, max_tokens, g, sampling=sampling, stats=stats,
-                                                  schedule="constant"):
-            tokens.append(token)
-            if stats.target_calls != calls:  # the first token of a new step
-                rejections += (stats.accepted - accepted) < (stats.drafted - drafted)
-                calls, accepted, drafted = stats.target_calls, stats.accepted, stats.drafted
-        outputs.append(tokens)
-    return Run(time.perf_counter() - began, outputs, stats, rejections)
+    label: str
+    g: int
+    schedule: str = "constant"
+    lookup: bool = False
+    delta: float = 0.0
+    runs: list = field(default_factory=list)
+    chosen: object = None  # the step policy, kept across runs: costs measured once per process
+
+    def run(self, target, draft, prompt_ids, max_tokens, sampling):
+        if self.g == 0:
+            self.runs.append(run_plain(target, prompt_ids, max_tokens, sampling))
+            return
+        if self.chosen is None:
+            self.chosen = policy.make_policy(self.schedule, self.g)
+        stats, outputs, steps = decoder.Stats(), [], []
+        began = time.perf_counter()
+        for ids in prompt_ids:
+            drafter = drafters.PromptLookupDrafter() if self.lookup else drafters.ModelDrafter(draft)
+            records = list(decoder.speculative_steps(target, drafter, [ids], max_tokens, self.chosen, self.delta,
+                                                     sampling, 1, [stats]))
+            outputs.append([token for record in records for token in record.tokens])
+            steps.extend(records)
+        self.runs.append(Run(time.perf_counter() - began, outputs, stats, steps))
 
 
 def step_time(m, prompt_ids, tokens=1):
@@ -205,18 +234,9 @@ def step_time(m, prompt_ids, tokens=1):
     return statistics.median(times[1:])
 
 
-@dataclass
-class Setting:
-    """Plain decoding (g 0) or speculative decoding with g drafts, and its timed runs."""
-
-    g: int
-    runs: list = field(default_factory=list)
-
-    def run(self, target, draft, prompt_ids, max_tokens, sampling):
-        if self.g == 0:
-            self.runs.append(run_plain(target, prompt_ids, max_tokens, sampling))
-        else:
-            self.runs.append(run_speculative(target, draft, prompt_ids, max_tokens, self.g, sampling))
+def measure_steps(target, draft, prompt_ids, most):
+    """Step times: the draft's one-token step and the target's pass over 1 .. most + 1 tokens."""
+    return dict(draft=step_time(draft, prompt_ids), verify={n: step_time(target, prompt_ids, n) for n in range(1, most + 2)})
 
 
 def per_token_acceptance(runs):
@@ -230,56 +250,81 @@ def per_token_acceptance(runs):
     return accepted / (accepted + rejections) if accepted + rejections else 0.0
 
 
-def summarize(setting, plain, c, steps, greedy):
-    """One row of the table: medians of the runs, the theory, and where a step's time goes."""
+def spread(values):
+    """(median, relative half-range) of repeated measurements: how far apart the repeats lie."""
+    middle = statistics.median(values)
+    return middle, (max(values) - min(values)) / 2 / middle if middle else 0.0
+def summarize(setting, plain, steps, greedy, exact_outputs):
+    """One row of the table: medians of the runs, the theory, the measured-cost prediction, host work."""
     g, runs = setting.g, setting.runs
+    target_ms = steps["verify"][1]
+    c = 0.0 if setting.lookup else steps["draft"] / target_ms
     accepted = sum(r.stats.accepted for r in runs)
     drafted = sum(r.stats.drafted for r in runs)
     a = per_token_acceptance(runs)
-    tokens_per_second = statistics.median(r.tokens_per_second for r in runs)
+    tokens_per_second, noise = spread([r.tokens_per_second for r in runs])
     plain_tokens_per_second = statistics.median(r.tokens_per_second for r in plain.runs)
     wall = tokens_per_second / plain_tokens_per_second
     calls = sum(r.stats.target_calls for r in runs)
     generated = sum(r.stats.generated for r in runs)
     plain_per_call = sum(r.stats.generated for r in plain.runs) / sum(r.stats.target_calls for r in plain.runs)
-    predicted = predicted_speedup(a, g, c)
+
+    def verify_cost(k):
+        return steps["verify"][k + 1] / target_ms
+
+    # A constant schedule drafts g; an adaptive one may draft any k up to g, so its
+    # predictions are the best over those k (what the right constant would reach).
+    ks = range(1, g + 1) if setting.schedule == "adaptive" else [g]
+    predicted = max(predicted_speedup(a, k, c) for k in ks)
+    predicted_measured = max(predicted_speedup(a, k, c, verify_cost(k)) for k in ks)
+    all_steps = [s for r in runs for s in r.steps]
     step_ms = statistics.median(r.seconds / r.stats.target_calls for r in runs) * 1e3
-    draft_ms = sum(r.stats.draft_calls for r in runs) / calls * steps["draft"] * 1e3
-    verify_ms = steps["verify"][g] * 1e3
-    verify_cost = steps["verify"][g] / steps["target"]
-    predicted_verify = predicted_speedup(a, g, c, verify_cost)
-    reference = plain.runs[0].outputs
+    draft_ms = sum(r.stats.draft_calls for r in runs) / calls * steps["draft"] * 1e3 if not setting.lookup else 0.0
+    mean_k = statistics.mean(s.num_draft for s in all_steps)
+    outputs_same = [r.outputs == exact_outputs for r in runs]
     return dict(
-        num_draft=g, acceptance_rate=accepted / drafted if drafted else 0.0, alpha=a,
-        tokens=runs[0].stats.generated, tokens_per_second=tokens_per_second, wall_speedup=wall,
-        target_pass_speedup=generated / calls / plain_per_call,
+        label=setting.label, num_draft=g, schedule=setting.schedule, drafter="lookup" if setting.lookup else "model",
+        delta=setting.delta, acceptance_rate=accepted / drafted if drafted else 0.0, alpha=a,
+        tokens=runs[0].stats.generated, tokens_per_second=tokens_per_second, tokens_per_second_spread=noise,
+        wall_speedup=wall, target_pass_speedup=generated / calls / plain_per_call, tokens_per_call=generated / calls,
         predicted_speedup=predicted, efficiency=wall / predicted,
-        step_ms=step_ms, draft_ms=draft_ms, verify_ms=verify_ms, rest_ms=step_ms - draft_ms - verify_ms,
-        verify_cost=verify_cost, predicted_with_verify_cost=predicted_verify,
-        efficiency_with_verify_cost=wall / predicted_verify,
-        identical=all(r.outputs == reference for r in runs) if greedy else None,
+        predicted_with_verify_cost=predicted_measured, efficiency_with_verify_cost=wall / predicted_measured,
+        step_ms=step_ms, draft_ms=draft_ms, mean_num_draft=mean_k,
+        verify_cost=verify_cost(round(mean_k)) if setting.schedule == "adaptive" else verify_cost(g),
+        host_ms=statistics.median(s.host_seconds for s in all_steps) * 1e3,
+        identical=all(outputs_same) if greedy or setting.delta == 0 else None,
+        departure=departure(runs[0].outputs, exact_outputs),
         seconds=[r.seconds for r in runs],
     )
 
 
-def batch_tokens_per_second(target, draft, prompt_ids, args, batch_size, g, sampling):
+def departure(outputs, exact):
+    """How far outputs depart from the exact ones: prompts identical, earliest differing token."""
+    firsts = [next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs)))
+              for mine, theirs in zip(outputs, exact) if mine != theirs]
+    return dict(identical_prompts=len(outputs) - len(firsts), prompts=len(outputs),
+                first_difference=min(firsts) if firsts else None)
+
+
+def batch_tokens_per_second(target, draft, prompt_ids, args, batch_size, g, sampling, schedule="constant"):
     """Median tokens per second of decoding all prompts, batch_size at a time."""
     rates = []
+    chosen = policy.make_policy(schedule, g)
     for _ in range(args.repeats):
         stats = [decoder.Stats() for _ in prompt_ids]
         began = time.perf_counter()
         list(decoder.speculative_batch(target, draft, prompt_ids, args.max_tokens, g, 0.0, sampling, batch_size, stats,
-                                       "constant"))
+                                       chosen))
         rates.append(sum(s.generated for s in stats) / (time.perf_counter() - began))
     return statistics.median(rates)
 
 
 def benchmark_batches(args, target, draft, prompt_ids, best, sampling, progress):
-    """Plain and speculative tokens per second at each batch size, over 16 prompts.
+    """Plain, constant and adaptive speculative tokens per second at each batch size, over 16 prompts.
 
     More rows per verify pass make it dearer, so a batch may want fewer drafts than one
-    prompt does: speculative decoding is timed at every num-draft up to the best one
-    at batch size 1, and each batch size reports its fastest.
+    prompt does: the constant schedule is timed at every g up to the best one at batch
+    size 1, and each batch size reports its fastest; the adaptive one is capped at the largest g.
     """
     many = [prompt_ids[i % len(prompt_ids)] for i in range(16)]
     candidates = [g for g in sorted(set(args.num_draft)) if g <= best]
@@ -288,9 +333,11 @@ def benchmark_batches(args, target, draft, prompt_ids, best, sampling, progress)
         progress.set_postfix_str(f"batch size {size}")
         plain = batch_tokens_per_second(target, None, many, args, size, 0, sampling)
         by_g = {g: batch_tokens_per_second(target, draft, many, args, size, g, sampling) for g in candidates}
+        adaptive = batch_tokens_per_second(target, draft, many, args, size, max(args.num_draft), sampling, "adaptive")
         fastest = max(by_g, key=by_g.get)
         rows.append(dict(batch_size=size, plain_tokens_per_second=plain, num_draft=fastest,
-                         speculative_tokens_per_second=by_g[fastest], speculative_by_num_draft=by_g))
+                         speculative_tokens_per_second=by_g[fastest], speculative_by_num_draft=by_g,
+                         adaptive_tokens_per_second=adaptive))
         progress.update(1)
     return rows
 
@@ -313,37 +360,49 @@ def hf_worker(spec_path):
     inputs = [torch.tensor([ids]) for ids in spec["prompt_ids"]]
     n = spec["max_tokens"]
 
-    def options(g):
-        if g == 0:
-            return {}
-        return dict(assistant_model=draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant")
+    options = {
+        "greedy": lambda g: {},
+        "assisted": lambda g: dict(assistant_model=draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant"),
+        "assisted_default": lambda g: dict(assistant_model=draft),  # transformers' own schedule
+        "prompt_lookup": lambda g: dict(prompt_lookup_num_tokens=g),
+    }
 
-    def run(g, tokens):
+    def run(task, g, tokens):
         # min_new_tokens: every prompt decodes exactly max_tokens, like ours without EOS.
         with torch.inference_mode():
             return [target.generate(ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
-                                    **options(g))[0, 1:].tolist() for ids in inputs]
+                                    **options[task](g))[0, 1:].tolist() for ids in inputs]
 
     for task, g in spec["tasks"]:
-        run(g, 8)  # warm-up
+        try:
+            run(task, g, 8)  # warm-up
+        except Exception as error:  # a mode transformers lacks for this model: say so, go on
+            print(json.dumps(dict(task=task, num_draft=g, error=str(error).splitlines()[0])), flush=True)
+            continue
         times, outputs = [], None
         for _ in range(spec["repeats"]):
             began = time.perf_counter()
-            outputs = run(g, n)
+            outputs = run(task, g, n)
             times.append(time.perf_counter() - began)
         tokens = sum(map(len, outputs))
         print(json.dumps(dict(task=task, num_draft=g, tokens=tokens, seconds=times, outputs=outputs,
                               tokens_per_second=statistics.median(tokens / t for t in times))), flush=True)
 
 
+def hf_tasks(args, best_g):
+    """(task, g) pairs for transformers: greedy, assisted at our best g and at its default schedule, lookup."""
+    tasks = [("greedy", 0), ("assisted", best_g), ("assisted_default", 0)]
+    return tasks + ([("prompt_lookup", max(args.num_draft))] if args.prompt_lookup else [])
+
+
 def benchmark_hf(args, sources, prompt_ids, best_g, progress):
-    """transformers' greedy and assisted generation (at our best g) on the same checkpoints.
+    """transformers' greedy, assisted generation (at our best g, and its own schedule) and prompt lookup.
 
     They run in a child process: with OpenBLAS bound globally into this one, torch's
     assisted generation ran 2.6x slower here (4.6 instead of 12 tokens/s), which would
     flatter us. Assisted generation is slow, so it is timed at our best g only.
     """
-    tasks = [("greedy", 0), ("assisted", best_g)]
+    tasks = hf_tasks(args, best_g)
     with tempfile.TemporaryDirectory() as folder:
         spec = Path(folder) / "spec.json"
         spec.write_text(json.dumps(dict(target=str(sources["hf_target"]), draft=str(sources["hf_draft"]),
@@ -356,11 +415,15 @@ def benchmark_hf(args, sources, prompt_ids, best_g, progress):
         results = {}
         for line in child.stdout:
             result = json.loads(line)
-            results[result.pop("task")] = result
+            task = result.pop("task")
+            if "error" in result:
+                print(f"warning: transformers {task}: {result['error']}", file=sys.stderr)
+            else:
+                results[task] = result
             progress.update(1)
-            progress.set_postfix_str(f"transformers assisted, g {best_g}")
+            progress.set_postfix_str("transformers")
         errors = child.stderr.read()
-        if child.wait() != 0 or len(results) != len(tasks):
+        if child.wait() != 0 or "greedy" not in results:
             last = [line for line in errors.splitlines() if line.strip()][-1:] or ["no output"]
             return dict(error=f"the transformers run failed: {last[0]}")
     return results
@@ -382,96 +445,148 @@ def machine():
                 mlx=mx.__version__, blas=cpu_blas.LOADED)
 
 
+def plural(count, word):
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def identical_line(results):
-    flags = [r["identical"] for r in results["speculative"]]
-    if flags and flags[0] is None:
+    rows = [r for r in results["speculative"] if r["delta"] == 0]
+    if not results["greedy"]:
         return "Output check: sampling (temperature > 0), so outputs are not compared token for token."
-    wrong = [r["num_draft"] for r in results["speculative"] if not r["identical"]]
+    wrong = [r["label"] for r in rows if not r["identical"]]
     if wrong:
-        return f"Output check: MISMATCH - speculative output differs from plain greedy at num-draft {wrong}."
-    return (f"Output check: OK - speculative output is identical to plain greedy for all {results['prompts']} "
-            "prompts, at every num-draft, in every repeat.")
+        return f"Output check: MISMATCH - speculative output differs from plain greedy for {', '.join(wrong)}."
+    return (f"Output check: OK - at delta 0 speculative output is identical to plain greedy for all "
+            f"{plural(results['prompts'], 'prompt')}, in every setting and every repeat.")
+
+
+def best_line(results):
+    """Which setting was fastest, and whether the runner-up lies within the repeats' spread."""
+    rows = sorted((r for r in results["speculative"] if r["delta"] == 0), key=lambda r: -r["tokens_per_second"])
+    best = rows[0]
+    line = f"Fastest: {best['label']} at {best['tokens_per_second']:.1f} tok/s"
+    if len(rows) > 1:
+        runner = rows[1]
+        gap = best["tokens_per_second"] / runner["tokens_per_second"] - 1
+        noise = max(best["tokens_per_second_spread"], runner["tokens_per_second_spread"])
+        verdict = "within" if gap <= noise else "beyond"
+        line += (f"; next {runner['label']} at {runner['tokens_per_second']:.1f} ({gap:.1%} slower, {verdict} the "
+                 f"repeats' spread of +-{noise:.1%})")
+    return line + "."
 
 
 def table(results):
-    """The results as markdown, the way speculative decoding papers print them."""
+    """The results as plain-text tables (markdown pipes), the way speculative decoding papers print them."""
     p, info, rows = results["plain"], results["machine"], results["speculative"]
+    steps = results["verify_ms"]
     lines = [
         f"Machine: {info['platform']}, {info['processor']}, {info['cpus']} CPUs; MLX {info['mlx']} on "
         f"{info['device']}, {info['dtype']}, BLAS: {info['blas'] or 'reference'}.",
-        f"Workload: {results['prompts']} prompts x {results['max_tokens']} tokens, temperature "
-        f"{results['temperature']}, {results['repeats']} repeats (medians), {results['pair']}.",
+        f"Workload: {plural(results['prompts'], 'prompt')} x {results['max_tokens']} tokens, temperature "
+        f"{results['temperature']}, {plural(results['repeats'], 'repeat')} (medians), {results['pair']}.",
         f"Plain decoding: {p['tokens_per_second']:.1f} tok/s ({p['tokens']} tokens per run"
         f"{'' if p['tokens'] == results['prompts'] * results['max_tokens'] else ', some prompts ended at EOS'}). "
         f"Step time: target {results['target_step_ms']:.2f} ms, draft {results['draft_step_ms']:.2f} ms, "
         f"cost ratio c = {results['cost_ratio']:.3f}.",
+        "Target pass over n tokens, in target steps: "
+        + ", ".join(f"n {n}: {ms / steps['1']:.2f}" for n, ms in steps.items()) + ".",
         "",
-        "| num_draft | acceptance | a | tokens/s | wall speedup | target-pass speedup | predicted speedup | "
-        "efficiency | identical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | acceptance | a | tokens/s (+-) | wall speedup | target-pass speedup | theory | efficiency | "
+        "measured-cost prediction | efficiency | host ms | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    best = results["best_num_draft"]
     for r in rows:
-        g = f"**{r['num_draft']}**" if r["num_draft"] == best else str(r["num_draft"])
-        same = "n/a" if r["identical"] is None else "yes" if r["identical"] else "**NO**"
+        same = "n/a" if r["identical"] is None else "yes" if r["identical"] else "NO"
         lines.append(
-            f"| {g} | {r['acceptance_rate']:.2f} | {r['alpha']:.2f} | {r['tokens_per_second']:.1f} | "
-            f"{r['wall_speedup']:.2f}x | {r['target_pass_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | "
-            f"{r['efficiency']:.2f} | {same} |"
+            f"| {r['label']} | {r['acceptance_rate']:.2f} | {r['alpha']:.2f} | {r['tokens_per_second']:.1f} "
+            f"(+-{r['tokens_per_second_spread']:.0%}) | {r['wall_speedup']:.2f}x | {r['target_pass_speedup']:.2f}x | "
+            f"{r['predicted_speedup']:.2f}x | {r['efficiency']:.2f} | {r['predicted_with_verify_cost']:.2f}x | "
+            f"{r['efficiency_with_verify_cost']:.2f} | {r['host_ms']:.2f} | {same} |"
         )
     lines += [
         "",
-        "acceptance = accepted / drafted; a = per-token acceptance, accepted / (accepted + rejections); predicted = "
-        "(1 - a**(g+1)) / ((1 - a) * (g*c + 1)); efficiency = wall speedup / predicted; best num_draft in bold.",
+        "acceptance = accepted / drafted; a = per-token acceptance, accepted / (accepted + rejections); "
+        "wall speedup = tokens/s against plain; target-pass speedup = tokens per target pass against plain; "
+        "theory = (1 - a**(g+1)) / ((1 - a) * (g*c + 1)); measured-cost prediction = the same with the measured "
+        "verify(g+1) in place of 1 (adaptive rows: the best k up to g); efficiency = wall speedup / prediction; "
+        "host ms = the loop's own work per step (median), timed inside it; (+-) = half the range of the repeats.",
+        best_line(results),
         identical_line(results),
-        "",
-        "Where a step's time goes (ms; draft = draft calls x draft step, verify = the target's (g+1)-token pass, "
-        "rest = the loop's host work and anything else):",
-        "",
-        "| num_draft | step | draft | verify | rest | verify / target step | predicted with that verify cost | "
-        "efficiency against it |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['num_draft']} | {r['step_ms']:.1f} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | "
-            f"{r['rest_ms']:.1f} | {r['verify_cost']:.2f} | {r['predicted_with_verify_cost']:.2f}x | "
-            f"{r['efficiency_with_verify_cost']:.2f} |"
-        )
+    adaptive = [r for r in rows if r["schedule"] == "adaptive"]
+    if adaptive:
+        constant = [r for r in rows if r["schedule"] == "constant" and r["delta"] == 0]
+        best = max(constant, key=lambda r: r["tokens_per_second"]) if constant else None
+        for r in adaptive:
+            versus = f", {r['tokens_per_second'] / best['tokens_per_second']:.2f}x the best constant ({best['label']})" \
+                if best and r["drafter"] == "model" else ""
+            lines.append(f"{r['label']}: mean k {r['mean_num_draft']:.2f}, {r['wall_speedup']:.2f}x plain{versus}.")
+    relaxed = [r for r in rows if r["delta"] > 0]
+    if relaxed:
+        lines += ["", "| delta | wall speedup | acceptance | prompts identical to delta 0 | first differing token |",
+                  "|---|---|---|---|---|"]
+        for r in relaxed:
+            d = r["departure"]
+            lines.append(f"| {r['delta']} | {r['wall_speedup']:.2f}x | {r['acceptance_rate']:.2f} | "
+                         f"{d['identical_prompts']} of {d['prompts']} | {d['first_difference']} |")
     if results.get("batches"):
-        lines += ["", "Batched decoding (16 prompts; speculative at its fastest num_draft for each batch size):", "",
-                  "| batch size | plain tok/s | num_draft | speculative tok/s | speculative vs plain | "
-                  "speculative vs its batch size 1 |", "|---|---|---|---|---|---|"]
-        single = results["batches"][0]["speculative_tokens_per_second"]
-        for b in results["batches"]:
-            fast = b["speculative_tokens_per_second"]
-            lines.append(f"| {b['batch_size']} | {b['plain_tokens_per_second']:.1f} | {b['num_draft']} | {fast:.1f} | "
-                         f"{fast / b['plain_tokens_per_second']:.2f}x | {fast / single:.2f}x |")
+        lines += ["", *batch_table(results)]
     if results.get("hf"):
         lines += ["", *hf_table(results)]
     return "\n".join(lines)
+
+
+def batch_table(results):
+    lines = ["Batched decoding (16 prompts; constant schedule at its fastest g for each batch size):", "",
+             "| batch size | plain tok/s | g | constant tok/s | adaptive tok/s | constant vs plain | "
+             "adaptive vs plain | constant vs its batch size 1 |", "|---|---|---|---|---|---|---|---|"]
+    single = results["batches"][0]["speculative_tokens_per_second"]
+    for b in results["batches"]:
+        fast, plain, adaptive = b["speculative_tokens_per_second"], b["plain_tokens_per_second"], b["adaptive_tokens_per_second"]
+        lines.append(f"| {b['batch_size']} | {plain:.1f} | {b['num_draft']} | {fast:.1f} | {adaptive:.1f} | "
+                     f"{fast / plain:.2f}x | {adaptive / plain:.2f}x | {fast / single:.2f}x |")
+    return lines
 
 
 def hf_table(results):
     hf = results["hf"]
     if "error" in hf:
         return [f"transformers comparison: {hf['error']}"]
-    ours = {r["num_draft"]: r["tokens_per_second"] for r in results["speculative"]}
+    ours = {r["label"]: r["tokens_per_second"] for r in results["speculative"]}
     plain = results["plain"]["tokens_per_second"]
-    greedy, assisted = hf["greedy"], hf["assisted"]
-    g = assisted["num_draft"]
-    same = "same tokens as ours" if greedy["outputs"] == results["plain_outputs"] else "tokens differ from ours"
-    return [
+    same = "same tokens as ours" if hf["greedy"]["outputs"] == results["plain_outputs"] else "tokens differ from ours"
+    lines = [
         "Against Hugging Face transformers (PyTorch, float32, same checkpoints, its own process, "
-        f"medians of {results['repeats']}):",
+        f"medians of {plural(results['repeats'], 'repeat')}):",
         "",
-        "| decoding | transformers tok/s | ours tok/s | ours / transformers |",
-        "|---|---|---|---|",
-        f"| greedy ({same}) | {greedy['tokens_per_second']:.1f} | {plain:.1f} | "
-        f"{plain / greedy['tokens_per_second']:.2f}x |",
-        f"| assisted / speculative, num_draft {g} | {assisted['tokens_per_second']:.1f} | {ours[g]:.1f} | "
-        f"{ours[g] / assisted['tokens_per_second']:.2f}x |",
+        "| decoding | transformers tok/s | ours | ours tok/s | ours / transformers |",
+        "|---|---|---|---|---|",
+        f"| greedy ({same}) | {hf['greedy']['tokens_per_second']:.1f} | plain | {plain:.1f} | "
+        f"{plain / hf['greedy']['tokens_per_second']:.2f}x |",
     ]
+    labels = {"assisted": ("assisted, g {g}", "g {g}"), "assisted_default": ("assisted, its default schedule", "adaptive"),
+              "prompt_lookup": ("prompt lookup, up to {g} tokens", "prompt lookup")}
+    for task, (theirs, mine) in labels.items():
+        if task in hf and mine.format(g=hf[task]["num_draft"]) in ours:
+            rate, g = hf[task]["tokens_per_second"], hf[task]["num_draft"]
+            mine = mine.format(g=g)
+            lines.append(f"| {theirs.format(g=g)} | {rate:.1f} | {mine} | {ours[mine]:.1f} | {ours[mine] / rate:.2f}x |")
+    return lines
+
+
+def sweep_table(sweep):
+    """One line per eps: acceptance, the best constant g, and the adaptive schedule against both."""
+    lines = ["Sweep over eps (the synthetic target's distance from its draft):", "",
+             "| eps | a (adaptive) | plain tok/s | best constant | its speedup | adaptive speedup | "
+             "adaptive / best constant |", "|---|---|---|---|---|---|---|"]
+    for eps, results in sweep:
+        rows = results["speculative"]
+        constant = max((r for r in rows if r["schedule"] == "constant"), key=lambda r: r["tokens_per_second"])
+        adaptive = next(r for r in rows if r["label"] == "adaptive")
+        lines.append(f"| {eps} | {adaptive['alpha']:.2f} | {results['plain']['tokens_per_second']:.1f} | "
+                     f"{constant['label']} | {constant['wall_speedup']:.2f}x | {adaptive['wall_speedup']:.2f}x | "
+                     f"{adaptive['tokens_per_second'] / constant['tokens_per_second']:.2f}x |")
+    return "\n".join(lines)
 
 
 def plot(results, path):
@@ -480,7 +595,8 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["speculative"]
+    everything = [r for r in results["speculative"] if r["delta"] == 0]
+    rows = [r for r in everything if r["schedule"] == "constant"]
     g = [r["num_draft"] for r in rows]
     c = results["cost_ratio"]
     fig, speed = plt.subplots(figsize=(7.5, 4.8))
@@ -492,10 +608,15 @@ def plot(results, path):
     a = results["alpha_pooled"]
     dense = [1 + i * (max(g) - 1 + 1e-9) / 100 for i in range(101)] if max(g) > 1 else [1]
     speed.plot(dense, [predicted_speedup(a, x, c) for x in dense], "k:", label=f"theory, a = {a:.2f}, c = {c:.3f}")
+    speed.plot(g, [r["predicted_with_verify_cost"] for r in rows], "+", color="tab:red",
+               label="prediction from the measured verify cost")
+    # Schedules that choose k themselves: a level line each.
+    for r, color in zip((r for r in everything if r["schedule"] == "adaptive"), ("tab:purple", "tab:brown")):
+        speed.axhline(r["wall_speedup"], color=color, linestyle="-.", label=f"{r['label']} (wall)")
     speed.axhline(1.0, color="grey", linewidth=0.8)
     speed.set_xticks(g)
     speed.set_ylim(bottom=0)
-    speed.set_xlabel("num_draft (g)")
+    speed.set_xlabel("g, drafts per step (constant schedule)")
     speed.set_ylabel("speedup over plain decoding")
     accept = speed.twinx()
     accept.plot(g, [r["alpha"] for r in rows], "^-", color="tab:green", alpha=0.6, label="a (per-token acceptance)")
@@ -522,12 +643,12 @@ def write_atomically(path, mode, write):
     os.replace(f.name, path)
 
 
-def load_pair(args):
+def load_pair(args, eps):
     """(sources, target, draft, tokenizer, description of the pair)."""
     if args.model is None:
-        sources = synthetic_pair(args.eps, args.layers, args.d_model)
+        sources = synthetic_pair(eps, args.layers, args.d_model)
         pair = (f"synthetic pair: {args.layers}-layer target holding a {PAIR['draft_layers']}-layer draft, "
-                f"d_model {args.d_model}, eps {args.eps}")
+                f"d_model {args.d_model}, eps {eps}")
     else:
         sources = {"target": args.model, "draft": args.draft_model,
                    "hf_target": args.hf_model, "hf_draft": args.hf_draft_model}
@@ -536,61 +657,89 @@ def load_pair(args):
     return sources, target, draft, tokenizer, pair
 
 
-def run(args):
-    check(args)
+def settings_for(args):
+    """Plain, every constant g, the adaptive schedule, each relaxed delta, and prompt lookup."""
+    gs, most = sorted(set(args.num_draft)), max(args.num_draft)
+    settings = [Setting("plain", 0)] + [Setting(f"g {g}", g) for g in gs] + [Setting("adaptive", most, "adaptive")]
+    settings += [Setting(f"adaptive, delta {d}", most, "adaptive", delta=d) for d in sorted(set(args.delta)) if d > 0]
+    if args.prompt_lookup:
+        settings.append(Setting("prompt lookup", most, "adaptive", lookup=True))
+    return settings
+
+
+def benchmark_pair(args, target, draft, prompt_ids, sampling, progress):
+    """Warm up, measure step costs, time every setting round by round; the results without the HF part."""
+    settings = settings_for(args)
+    progress.set_postfix_str("warm-up")
+    for setting in settings:  # the adaptive schedules also learn their step costs here
+        setting.run(target, draft, prompt_ids[:1], min(args.max_tokens, 32), sampling)
+        setting.runs.clear()
+    progress.update(1)
+    progress.set_postfix_str("step times")
+    steps = measure_steps(target, draft, prompt_ids[0], max(args.num_draft))
+    progress.update(1)
+    # Rounds: every setting once per round, so drifts of the machine hit all alike.
+    for round_ in range(args.repeats):
+        for setting in settings:
+            progress.set_postfix_str(f"round {round_ + 1}: {setting.label}")
+            setting.run(target, draft, prompt_ids, args.max_tokens, sampling)
+            progress.update(1)
+    plain = settings[0]
+    exact = plain.runs[0].outputs
+    rows = [summarize(s, plain, steps, sampling.greedy, exact) for s in settings[1:]]
+    constant = [r for r in rows if r["schedule"] == "constant"]
+    return dict(
+        greedy=sampling.greedy, target_step_ms=steps["verify"][1] * 1e3, draft_step_ms=steps["draft"] * 1e3,
+        cost_ratio=steps["draft"] / steps["verify"][1],
+        verify_ms={str(n): seconds * 1e3 for n, seconds in steps["verify"].items()},
+        plain=dict(tokens=plain.runs[0].stats.generated, target_calls=plain.runs[0].stats.target_calls,
+                   tokens_per_second=statistics.median(r.tokens_per_second for r in plain.runs),
+                   seconds=[r.seconds for r in plain.runs]),
+        speculative=rows, best_num_draft=max(constant, key=lambda r: r["wall_speedup"])["num_draft"],
+        alpha_pooled=per_token_acceptance([r for s in settings[1:] if s.schedule == "constant" for r in s.runs]),
+        outputs_identical=all(r["identical"] for r in rows if r["delta"] == 0) if sampling.greedy else None,
+        plain_outputs=exact,
+    )
+
+
+def run_one(args, eps, progress):
+    """The whole benchmark on one pair: its results dict."""
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else PROMPTS
-    sources, target, draft, tokenizer, pair = load_pair(args)
+    sources, target, draft, tokenizer, pair = load_pair(args, eps)
     mx.random.seed(0)
     sampling = decoder.Sampling(args.temperature)
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
-    gs = sorted(set(args.num_draft))
-    settings = [Setting(0)] + [Setting(g) for g in gs]
-    units = 2 + args.repeats * len(settings) + len(args.batch_size or []) + 2 * args.compare_hf
     began = time.perf_counter()
+    results = dict(machine=machine(), pair=pair, eps=eps if args.model is None else None, prompts=len(prompts),
+                   max_tokens=args.max_tokens, temperature=args.temperature, repeats=args.repeats)
+    results.update(benchmark_pair(args, target, draft, prompt_ids, sampling, progress))
+    if args.batch_size:
+        results["batches"] = benchmark_batches(args, target, draft, prompt_ids, results["best_num_draft"], sampling,
+                                               progress)
+    results["seconds"] = time.perf_counter() - began
+    if args.compare_hf:
+        results["hf"] = benchmark_hf(args, sources, prompt_ids, results["best_num_draft"], progress)
+        results["seconds_with_hf"] = time.perf_counter() - began
+    return results
+
+
+def run(args):
+    check(args)
+    settings = len(settings_for(args))
+    units = len(args.eps) * (2 + args.repeats * settings + len(args.batch_size or [])
+                             + len(hf_tasks(args, 1)) * args.compare_hf)
     with tqdm(total=units, desc="benchmark", file=sys.stderr, dynamic_ncols=True) as progress:
-        progress.set_postfix_str("warm-up")
-        for setting in (Setting(0), Setting(gs[0]), Setting(gs[-1])):
-            setting.run(target, draft, prompt_ids[:1], min(args.max_tokens, 16), sampling)
-        progress.update(1)
-        progress.set_postfix_str("step times")
-        steps = dict(target=step_time(target, prompt_ids[0]), draft=step_time(draft, prompt_ids[0]),
-                     verify={g: step_time(target, prompt_ids[0], g + 1) for g in gs})
-        progress.update(1)
-        # Rounds: every setting once per round, so drifts of the machine hit all alike.
-        for round_ in range(args.repeats):
-            for setting in settings:
-                progress.set_postfix_str(f"round {round_ + 1}: {'plain' if setting.g == 0 else f'g {setting.g}'}")
-                setting.run(target, draft, prompt_ids, args.max_tokens, sampling)
-                progress.update(1)
-        plain = settings[0]
-        c = steps["draft"] / steps["target"]
-        rows = [summarize(s, plain, c, steps, sampling.greedy) for s in settings[1:]]
-        best = max(rows, key=lambda r: r["wall_speedup"])["num_draft"]
-        results = dict(
-            machine=machine(), pair=pair, prompts=len(prompts), max_tokens=args.max_tokens,
-            temperature=args.temperature, repeats=args.repeats,
-            target_step_ms=steps["target"] * 1e3, draft_step_ms=steps["draft"] * 1e3, cost_ratio=c,
-            plain=dict(tokens=plain.runs[0].stats.generated, target_calls=plain.runs[0].stats.target_calls,
-                       tokens_per_second=statistics.median(r.tokens_per_second for r in plain.runs),
-                       seconds=[r.seconds for r in plain.runs]),
-            speculative=rows, best_num_draft=best,
-            alpha_pooled=per_token_acceptance([r for s in settings[1:] for r in s.runs]),
-            outputs_identical=all(r["identical"] for r in rows) if sampling.greedy else None,
-            plain_outputs=plain.runs[0].outputs,
-        )
-        if args.batch_size:
-            results["batches"] = benchmark_batches(args, target, draft, prompt_ids, best, sampling, progress)
-        results["seconds"] = time.perf_counter() - began
-        if args.compare_hf:
-            results["hf"] = benchmark_hf(args, sources, prompt_ids, best, progress)
-            results["seconds_with_hf"] = time.perf_counter() - began
-    print(table(results))
+        sweep = [(eps, run_one(args, eps, progress)) for eps in args.eps]
+    print("\n\n".join(table(results) for _, results in sweep))
+    if len(sweep) > 1:
+        print("\n" + sweep_table(sweep))
+    output = sweep[0][1] if len(sweep) == 1 else dict(sweep=[results for _, results in sweep])
     if args.json:
-        write_atomically(args.json, "w", lambda f: json.dump(results, f, indent=2))
+        write_atomically(args.json, "w", lambda f: json.dump(output, f, indent=2))
     if args.plot:
-        plot(results, args.plot)
-    if "error" in results.get("hf", {}):
-        print(f"error: {results['hf']['error']}", file=sys.stderr)
+        plot(sweep[0][1], args.plot)
+    if any("error" in results.get("hf", {}) for _, results in sweep):
+        print(f"error: {sweep[0][1]['hf'].get('error', 'the transformers run failed')}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -28,36 +28,59 @@ def test_predicted_speedup_formula():
 def test_small_run_reports_consistent_rows(tmp_path):
     out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
     plot = ["--plot", picture] if benchmark.find_spec("matplotlib") else []
-    result = run_benchmark(*TINY, "--num-draft", "3", "1", "--batch-size", "1", "3", "--json", out, *plot)
+    result = run_benchmark(*TINY, "--num-draft", "3", "1", "--batch-size", "1", "3", "--delta", "0", "0.5",
+                           "--prompt-lookup", "--json", out, *plot)
     assert result.returncode == 0, result.stderr
-    assert "| num_draft |" in result.stdout and "Output check: OK" in result.stdout
+    assert "| setting |" in result.stdout and "Output check: OK" in result.stdout
+    assert "1 repeat," in result.stdout and "**" not in result.stdout and "target-pass speedup =" in result.stdout
     results = json.loads(out.read_text())
     assert not list(tmp_path.glob("*.tmp"))
     rows, c = results["speculative"], results["cost_ratio"]
-    assert [r["num_draft"] for r in rows] == [1, 3]
+    assert [r["label"] for r in rows] == ["g 1", "g 3", "adaptive", "adaptive, delta 0.5", "prompt lookup"]
     assert results["outputs_identical"] is True and results["repeats"] == 1
     assert c == pytest.approx(results["draft_step_ms"] / results["target_step_ms"])
+    assert sorted(map(int, results["verify_ms"])) == [1, 2, 3, 4]
     assert 0 < results["plain"]["tokens"] <= len(benchmark.PROMPTS) * 12 and results["plain"]["tokens_per_second"] > 0
     for r in rows:
-        assert r["identical"] is True
         assert 0.0 <= r["acceptance_rate"] <= 1.0 and 0.0 <= r["alpha"] <= 1.0
         assert r["acceptance_rate"] <= r["alpha"] + 1e-9  # drafts after a rejection count as drafted, not judged
-        # The expected tokens per step as a finite sum, which also holds at alpha 1.
-        expected = sum(r["alpha"] ** i for i in range(r["num_draft"] + 1)) / (r["num_draft"] * c + 1)
-        assert r["predicted_speedup"] == pytest.approx(expected)
         assert r["efficiency"] == pytest.approx(r["wall_speedup"] / r["predicted_speedup"])
+        assert r["efficiency_with_verify_cost"] == pytest.approx(r["wall_speedup"] / r["predicted_with_verify_cost"])
         assert r["tokens"] == results["plain"]["tokens"] and r["tokens_per_second"] > 0
-        assert r["target_pass_speedup"] >= 1.0
-        assert r["draft_ms"] + r["verify_ms"] + r["rest_ms"] == pytest.approx(r["step_ms"])
+        assert r["target_pass_speedup"] >= 1.0 and 0 <= r["host_ms"] < r["step_ms"]
+        assert r["identical"] is (True if r["delta"] == 0 else None)
+    for r in rows[:2]:
+        g = r["num_draft"]
+        # The expected tokens per step as a finite sum, which also holds at alpha 1.
+        expected = sum(r["alpha"] ** i for i in range(g + 1))
+        assert r["predicted_speedup"] == pytest.approx(expected / (g * c + 1))
+        verify = results["verify_ms"][str(g + 1)] / results["verify_ms"]["1"]
+        assert r["predicted_with_verify_cost"] == pytest.approx(expected / (g * c + verify))
+        assert r["mean_num_draft"] <= g
     assert rows[0]["acceptance_rate"] == pytest.approx(rows[0]["alpha"])  # one draft: the same thing
+    assert 0 <= rows[2]["mean_num_draft"] <= 3 and rows[4]["drafter"] == "lookup"
+    assert rows[3]["departure"]["prompts"] == len(benchmark.PROMPTS)
     assert results["best_num_draft"] in (1, 3)
     assert [b["batch_size"] for b in results["batches"]] == [1, 3]
     for b in results["batches"]:
         by_g = {int(g): rate for g, rate in b["speculative_by_num_draft"].items()}
         assert set(by_g) == {g for g in (1, 3) if g <= results["best_num_draft"]}
         assert b["speculative_tokens_per_second"] == by_g[b["num_draft"]] == max(by_g.values())
+        assert b["adaptive_tokens_per_second"] > 0
     if plot:
         assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_eps_sweep_summarises_each_pair(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = run_benchmark(*TINY, "--num-draft", "2", "--eps", "0.05", "0.5", "--json", out)
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads(out.read_text())["sweep"]
+    assert [s["eps"] for s in sweep] == [0.05, 0.5]
+    assert "Sweep over eps" in result.stdout and all(s["outputs_identical"] for s in sweep)
+    # The farther target agrees less with its draft.
+    alpha = [next(r for r in s["speculative"] if r["label"] == "g 2")["alpha"] for s in sweep]
+    assert alpha[0] > alpha[1]
 
 
 def test_compare_hf(tmp_path):
@@ -68,8 +91,9 @@ def test_compare_hf(tmp_path):
     hf = json.loads(out.read_text())["hf"]
     assert hf["greedy"]["tokens_per_second"] > 0 and hf["assisted"]["tokens_per_second"] > 0
     assert hf["assisted"]["num_draft"] == 2 and hf["greedy"]["tokens"] == len(benchmark.PROMPTS) * 8
-    # Same checkpoint, greedy: transformers decodes the tokens we decode.
-    assert hf["greedy"]["outputs"] == hf["assisted"]["outputs"] == json.loads(out.read_text())["plain_outputs"]
+    # Same checkpoint, greedy: transformers decodes the tokens we decode, with or without its assistant.
+    plain = json.loads(out.read_text())["plain_outputs"]
+    assert hf["greedy"]["outputs"] == hf["assisted"]["outputs"] == hf["assisted_default"]["outputs"] == plain
     assert "ours / transformers" in result.stdout
 
 
@@ -91,6 +115,9 @@ def test_plot_without_matplotlib_is_one_error_line(tmp_path):
     ["--model", "no-such-model", "--draft-model", "no-such-draft"],
     ["--prompt-file", "no-such-file.jsonl"],
     ["--json", "no-such-folder/b.json"],
+    ["--delta", "0", "1.5"],
+    ["--eps", "-1"],
+    ["--model", "a", "--draft-model", "b", "--eps", "0.1", "0.2"],
     ["--hf-model", "x", "--hf-draft-model", "y", "--compare-hf"],
 ])
 def test_bad_arguments(args):
