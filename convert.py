@@ -3,20 +3,23 @@
     python convert.py --model t5-small [--mlx-path DIR] [--dtype float32|bfloat16|float16]
 
 Tensors are read, renamed, cast and written one at a time, so peak memory stays near
-one output shard. The output is written to a temporary folder and renamed at the end.
+one output shard. The output is written to a temporary folder and renamed at the end;
+an existing folder is replaced only if convert.py wrote it (its MARKER lists every file
+in it), so a user's own files are never lost.
 """
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
-import argparse
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,12 +27,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+import cli
 import model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 << 30
+# Written last into every output folder: the names of the files convert.py put there.
+# Only a folder holding this file and nothing it does not list is ours to replace.
+MARKER = ".mlx-converted"
 REQUIRED_CONFIG = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
 # Hugging Face name -> MLX name. Block 0 carries the relative position bias of its stack.
 RENAMES = [
@@ -72,29 +79,24 @@ def fetch(name):
     if path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
         raise ConvertError(f"no checkpoint folder at '{name}'")
     try:
-        from huggingface_hub import list_repo_files, logging, snapshot_download
+        from huggingface_hub import logging, model_info, snapshot_download
 
         logging.set_verbosity_error()  # its retry warnings would bury the one-line error
-        files = list_repo_files(name)
+        # model_info fails at once when the hub is unreachable (list_repo_files retries for 20 s).
+        files = [sibling.rfilename for sibling in model_info(name).siblings]
         weights = ["*.safetensors", "*.safetensors.index.json"]
         if not any(f.endswith(".safetensors") for f in files):
             weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
         return Path(snapshot_download(name, allow_patterns=["config.json", *TOKENIZER_FILES, *weights]))
     except Exception as error:  # the hub raises many kinds; all mean the same to a user
-        raise ConvertError(f"could not fetch '{name}' from the Hugging Face hub: {error}".splitlines()[0]) from None
+        raise ConvertError(f"could not fetch '{name}' from the Hugging Face hub ({cli.first_line(error)}); "
+                           f"to convert a local copy, give its folder: --model path/to/folder") from None
 
 
 def read_config(folder):
     """The checkpoint's config.json, checked to describe a T5."""
     path = folder / "config.json"
-    if not path.is_file():
-        raise ConvertError(f"{folder} has no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConvertError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ConvertError(f"{path} is not a JSON object")
+    config = read_json(path)
     if config.get("model_type") != "t5":
         raise ConvertError(f"{path} describes model_type '{config.get('model_type')}', not 't5'")
     for key in REQUIRED_CONFIG:
@@ -103,21 +105,24 @@ def read_config(folder):
     return config
 
 
+def read_json(path):
+    """model.read_json, its error a ConvertError."""
+    try:
+        return model.read_json(path)
+    except model.LoadError as error:
+        raise ConvertError(str(error)) from None
+
+
 def weight_files(folder):
     """The checkpoint's weight files, in the order their index (if any) lists them."""
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (folder / index).is_file():
+        if (folder / index).exists():
             try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as error:
-                raise ConvertError(f"{folder / index} is not a valid index: {error}") from None
-            files = [folder / f for f in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise ConvertError(f"{folder} lacks shard {missing[0]} named in {index}")
-            return files
-        if (folder / single).is_file():
+                return model.indexed_files(folder / index)
+            except model.LoadError as error:
+                raise ConvertError(str(error)) from None
+        if (folder / single).exists():  # a folder in its place fails, by name, when read
             return [folder / single]
     raise ConvertError(f"{folder} has no model.safetensors or pytorch_model.bin weights")
 
@@ -128,13 +133,15 @@ def safetensors_header(path):
     Every entry is checked against the file's size, so a truncated or corrupt file fails
     here, before anything is written.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        try:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length)) if 8 + length <= size else None
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
-            header = None
+    except OSError as error:
+        raise ConvertError(f"cannot read {path}: {error.strerror}") from None
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        header = None
     if not isinstance(header, dict):
         raise ConvertError(f"{path.name} is not a valid safetensors file")
     header.pop("__metadata__", None)
@@ -187,7 +194,7 @@ def read_torch(path):
             # Files saved in torch's legacy (pre-1.6) format can only be read whole.
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several kinds for a damaged file
-        raise ConvertError(f"{path.name} could not be read: {error}".splitlines()[0]) from None
+        raise ConvertError(f"{path.name} could not be read: {cli.first_line(error)}") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise ConvertError(f"{path.name} does not hold a state dict of tensors")
     for name, tensor in state.items():
@@ -213,8 +220,8 @@ def expected_shapes(config):
     """
     try:
         t5 = model.build(dict(config, tie_word_embeddings=True))
-    except KeyError:
-        raise ConvertError(f"feed_forward_proj '{config.get('feed_forward_proj')}' is not supported") from None
+    except model.LoadError as error:
+        raise ConvertError(str(error)) from None
     return {name: tuple(p.shape) for name, p in tree_flatten(t5.parameters())}
 
 
@@ -233,7 +240,10 @@ class ShardWriter:
 
     def flush(self):
         path = self.folder / f"shard-{len(self.shards)}.safetensors"
-        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        try:
+            mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        except RuntimeError as error:  # MLX reports a failed write (a full disk) this way
+            raise OSError(None, f"{error} (is the disk full?)", str(path)) from None
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -308,20 +318,25 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
     config = read_config(folder)
     files = weight_files(folder)
     destination = output_folder(source, mlx_path)
-    if destination.exists() and not destination.is_dir():
-        raise ConvertError(f"{destination} exists and is not a folder")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise stay on the result
+    check_destination(destination, folder)
+    staging = None
     try:
+        with interrupts_held():  # a Ctrl-C here could leave a staging folder nobody removes
+            staging = make_staging(destination)
         tied = convert_weights(files, config, staging, DTYPES[dtype], max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(output_config(config, tied), indent=2))
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
-        install(staging, destination)
+        mark(staging)
+        with interrupts_held():
+            install(staging, destination, folder)
+    except OSError as error:
+        raise ConvertError(os_error_message(error, destination, staging)) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            with interrupts_held():
+                shutil.rmtree(staging, ignore_errors=True)
     return destination
 
 
@@ -334,10 +349,56 @@ def output_folder(source, mlx_path):
     return Path("mlx_models") / name
 
 
-def install(staging, destination):
+def check_destination(destination, source_folder):
+    """Refuse, as one line, an output folder whose replacement could lose anything of the user's."""
+    where = destination.resolve()
+    if destination.is_symlink():
+        raise ConvertError(f"{destination} is a symbolic link; give the folder itself or a new one")
+    if destination.exists() and not destination.is_dir():
+        raise ConvertError(f"{destination} exists and is not a folder")
+    if where == Path.cwd() or where in Path.cwd().parents:
+        raise ConvertError(f"{destination} is the current folder or holds it; give a new folder, "
+                           f"e.g. mlx_models/{source_folder.resolve().name}")
+    if where == source_folder.resolve() or where in source_folder.resolve().parents:
+        raise ConvertError(f"{destination} holds the checkpoint being converted; give a new folder")
+    if destination.is_dir():
+        extra = sorted(set(os.listdir(destination)) - written_files(destination))
+        if extra:
+            ours = (destination / MARKER).is_file()
+            raise ConvertError(f"{destination} already exists and " + (
+                f"holds '{extra[0]}', which convert.py did not write" if ours else "was not written by convert.py")
+                + "; move it away or give another --mlx-path")
+
+
+def written_files(folder):
+    """The names MARKER lists in `folder` (MARKER included); empty if it has none."""
+    try:
+        names = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {MARKER, *names} if isinstance(names, list) else set()
+
+
+def mark(folder):
+    """Write MARKER into `folder`, listing the files in it: what a later run may replace."""
+    names = sorted(os.listdir(folder))
+    (folder / MARKER).write_text(json.dumps({"written_by": "convert.py", "files": names}, indent=2))
+
+
+def make_staging(destination):
+    """A new hidden folder beside `destination`, where the output is written before it is renamed."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise stay on the result
+    return staging
+
+
+def install(staging, destination, source_folder):
     """Rename the finished `staging` folder to `destination`; an older output goes only now."""
-    if not destination.exists():
-        os.replace(staging, destination)
+    # Again: the folder may have changed during a long conversion.
+    check_destination(destination, source_folder)
+    if not destination.exists() or not os.listdir(destination):
+        os.replace(staging, destination)  # rename(2) replaces an empty folder
         return
     old = staging.with_name(staging.name + ".old")
     os.replace(destination, old)
@@ -349,20 +410,45 @@ def install(staging, destination):
     shutil.rmtree(old)
 
 
+@contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) off until the block is done: renames and clean-ups run whole."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def os_error_message(error, destination, staging):
+    """One line for an OSError met while converting: the output could not be written, or an input read."""
+    path = Path(error.filename or destination)
+    writing = path in (destination, destination.parent) or (staging is not None and staging in (path, *path.parents))
+    reason = error.strerror or str(error)
+    return f"cannot write {destination}: {reason}" if writing else f"cannot read {path}: {reason}"
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face T5 checkpoint to MLX.")
-    parser.add_argument("--model", required=True, help="hub id (t5-small, google/flan-t5-large) or local folder")
-    parser.add_argument("--mlx-path", help="output folder (default: mlx_models/<last part of --model>)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
+    parser = cli.ArgumentParser(description="Convert a Hugging Face T5 checkpoint to MLX.")
+    parser.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="hub id (t5-small, google/flan-t5-large) or local folder")
+    parser.add_argument("--mlx-path", metavar="DIR", help="output folder (default: mlx_models/<last part of --model>); "
+                        "an existing one is replaced only if convert.py wrote it")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")
     args = parser.parse_args()
     if args.dtype == "float16":
         print("warning: large T5 checkpoints overflow in float16 (feed-forward activations); "
               "prefer bfloat16 or float32", file=sys.stderr)
     try:
         path = convert(args.model, args.mlx_path, args.dtype)
-    except (ConvertError, OSError) as error:  # OSError: an output folder that cannot be written
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ConvertError, model.LoadError) as error:
+        cli.fail(error)
+    except OSError as error:  # outside the writing: e.g. a folder that cannot be listed
+        cli.fail(f"{error.filename}: {error.strerror}" if error.filename else error)
+    except KeyboardInterrupt:
+        cli.fail("interrupted; no partial output was left")
     print(f"wrote {path}")
 
 

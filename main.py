@@ -7,12 +7,14 @@ import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import mlx.core as mx
 
+import cli
 import decoder
 import drafters
 import model
@@ -36,8 +38,9 @@ def guarded(run, args):
     try:
         run(args)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(error)
+    except KeyboardInterrupt:
+        cli.fail("interrupted")
     except BrokenPipeError:
         # The reader stopped early (`| head`). Point stdout at /dev/null so the flush at
         # exit cannot fail again, and stop quietly, as Python's documentation advises.
@@ -47,11 +50,11 @@ def guarded(run, args):
 
 def parse_args(argv=None):
     """The command-line arguments; values are checked later, by check()."""
-    parser = argparse.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
-    parser.add_argument("--model", default="t5-11b", help="target: converted folder or name under mlx_models/")
-    parser.add_argument("--draft-model", default="t5-small", help="draft: converted folder or name under mlx_models/")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--prompt-file", help='JSON lines, each an object with a "prompt" field')
+    parser = cli.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
+    parser.add_argument("--model", default="t5-11b", metavar="NAME_OR_DIR", help="target: converted folder or name under mlx_models/")
+    parser.add_argument("--draft-model", default="t5-small", metavar="NAME_OR_DIR", help="draft: converted folder or name under mlx_models/")
+    parser.add_argument("--prompt", metavar="TEXT", help=f"the input text (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--prompt-file", metavar="FILE.jsonl", help='JSON lines, each an object with a "prompt" field (not with --prompt)')
     parser.add_argument("--num-draft", type=int, default=5,
                         help="draft tokens per step: the cap of the adaptive schedule, the count of the constant one")
     parser.add_argument("--draft-schedule", choices=["adaptive", "constant"], default="adaptive",
@@ -60,7 +63,7 @@ def parse_args(argv=None):
                         help="draft by copying from the prompt and the output so far; loads no draft model")
     parser.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest suffix matched (>= 1)")
     parser.add_argument("--delta", type=float, default=0.0, help="acceptance relaxation in [0, 1]; 0 is exact")
-    parser.add_argument("--max-tokens", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=100, help="tokens generated per prompt at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of mass top-p")
@@ -74,9 +77,10 @@ def parse_args(argv=None):
 def check(args):
     """Raise UsageError for the first value out of range."""
     require([
+        (args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both"),
         (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
         (0.0 <= args.delta <= 1.0, f"--delta must lie in [0, 1], got {args.delta}"),
-        (args.temperature >= 0.0, f"--temperature must not be negative, got {args.temperature}"),
+        (0.0 <= args.temperature < math.inf, f"--temperature must be finite and not negative, got {args.temperature}"),
         (0.0 < args.top_p <= 1.0, f"--top-p must lie in (0, 1], got {args.top_p}"),
         (args.top_k >= 0, f"--top-k must not be negative, got {args.top_k}"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
@@ -113,6 +117,9 @@ def read_prompt_file(path):
 
 def load_models(target_path, draft_path=None):
     """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError."""
+    missing = [name for name in (target_path, draft_path) if name is not None and model.find(name) is None]
+    if missing:
+        raise UsageError(str(model.not_found(missing)))
     try:
         target, tokenizer = model.load(target_path)
         draft = None if draft_path is None else model.load(draft_path)[0]
@@ -197,7 +204,7 @@ def print_json(events, tokenizer, prompts, stats, finished):
 def run(args):
     """Check the arguments, load the models once, and decode every prompt."""
     check(args)
-    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt or DEFAULT_PROMPT]
     own_draft = not (args.regular_decode or args.prompt_lookup)
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None)
     if args.prompt_lookup:

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
+import cli
 from models import t5
 
 MODELS_DIR = Path("mlx_models")
@@ -33,7 +35,36 @@ def family(config):
 def build(config):
     """The (uninitialised) MLX model a config.json describes."""
     module = family(config)
-    return module.Model(module.ModelArgs.from_config(config))
+    try:
+        return module.Model(module.ModelArgs.from_config(config))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # a value of the wrong kind
+        raise LoadError(f"config.json does not describe a model this project can build "
+                        f"({type(error).__name__}: {error})") from None
+
+
+def read_json(path):
+    """The JSON object in file `path`; a missing, damaged or empty file is a one-line LoadError."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise LoadError(f"cannot read {path}: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoadError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path} is not a JSON object")
+    return data
+
+
+def indexed_files(index):
+    """The weight files a (sharded checkpoint's) index file names, in its order, each checked to exist."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise LoadError(f"{index} has no valid weight_map")
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise LoadError(f"{index.parent} lacks shard {missing[0]} named in {index.name}")
+    return files
 
 
 def default_dtype():
@@ -41,31 +72,83 @@ def default_dtype():
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
+def find(path_or_name):
+    """A converted folder, or a model name resolved under mlx_models/; None if neither holds a config.json."""
+    for path in (Path(path_or_name), MODELS_DIR / str(path_or_name).rstrip("/").split("/")[-1]):
+        if (path / "config.json").exists():
+            return path
+    return None
+
+
+def not_found(names):
+    """The LoadError for models not converted yet, with the commands that convert them."""
+    commands = " && ".join(f"python convert.py --model {name}" for name in names)
+    return LoadError(f"model{'s' * (len(names) > 1)} {' and '.join(map(repr, names))} not found; "
+                     f"convert first: {commands}")
+
+
 def resolve(path_or_name):
     """A converted folder, or a model name resolved under mlx_models/."""
-    path = Path(path_or_name)
-    if (path / "config.json").is_file():
-        return path
-    local = MODELS_DIR / str(path_or_name).rstrip("/").split("/")[-1]
-    if (local / "config.json").is_file():
-        return local
-    raise LoadError(f"model '{path_or_name}' not found; convert it first: python convert.py --model {path_or_name}")
+    path = find(path_or_name)
+    if path is None:
+        raise not_found([path_or_name])
+    return path
+
+
+def read_config(path):
+    """config.json of converted folder `path`, which must name its model_type."""
+    config = read_json(path / "config.json")
+    if "model_type" not in config:
+        raise LoadError(f"{path / 'config.json'} names no model_type; convert the model again with convert.py")
+    return config
+
+
+def weight_files(path):
+    """The safetensors files of converted folder `path` (those its index names, if it has one)."""
+    index = path / "model.safetensors.index.json"
+    files = indexed_files(index) if index.exists() else sorted(path.glob("*.safetensors"))
+    if not files and any(path.glob("pytorch_model*.bin")):
+        raise LoadError(f"{path} is a Hugging Face checkpoint, not a converted one; "
+                        f"convert it first: python convert.py --model {path}")
+    if not files:
+        raise LoadError(f"no weights in {path}; convert it again with convert.py")
+    return files
+
+
+def read_weights(file):
+    """{name: array} of one safetensors file; a damaged file is a LoadError that names it."""
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError, OSError) as error:
+        raise LoadError(f"{file} is damaged or incomplete ({cli.first_line(error)}); convert the model again") from None
+
+
+def mismatch(path, model, weights, error):
+    """The LoadError for weights that do not fit the model their config.json describes."""
+    expected = dict(tree_flatten(model.parameters()))
+    unknown = [name for name in weights if name not in expected]
+    if unknown:
+        return LoadError(f"{path} holds {len(unknown)} tensor(s) the model does not have, e.g. '{unknown[0]}': "
+                         f"not converted? python convert.py --model {path}")
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        return LoadError(f"{path} lacks {len(missing)} of the model's tensors, e.g. '{missing[0]}'; "
+                         f"convert it again with convert.py")
+    return LoadError(f"weights in {path} do not fit its config: {cli.first_line(error)}")
 
 
 def load_model(path, dtype=None):
     """The model in a converted folder, its weights cast to `dtype` (default_dtype() if None)."""
-    config = json.loads((path / "config.json").read_text())
-    model = build(config)
+    path = Path(path)
+    model = build(read_config(path))
     weights = {}
-    for file in sorted(path.glob("*.safetensors")):
-        weights.update(mx.load(str(file)))
-    if not weights:
-        raise LoadError(f"no weights in {path}; convert it again with convert.py")
+    for file in weight_files(path):
+        weights.update(read_weights(file))
     dtype = dtype or default_dtype()
     try:
         model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
     except ValueError as error:
-        raise LoadError(f"weights in {path} do not fit its config: {error}") from None
+        raise mismatch(path, model, weights, error) from None
     mx.eval(model.parameters())
     return model
 
@@ -78,4 +161,10 @@ def load(path_or_name, dtype=None):
     # Without its files transformers would build a T5 tokenizer of a few placeholder pieces.
     if not any((path / name).is_file() for name in ("tokenizer.json", "spiece.model")):
         raise LoadError(f"{path} has no tokenizer.json or spiece.model; convert the model again")
-    return load_model(path, dtype), AutoTokenizer.from_pretrained(str(path))
+    model = load_model(path, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as error:  # sentencepiece, tokenizers and transformers each raise their own kinds
+        raise LoadError(f"the tokenizer in {path} could not be loaded ({cli.first_line(error)}); "
+                        f"convert the model again") from None
+    return model, tokenizer

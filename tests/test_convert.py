@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+import types
 
 import mlx.core as mx
 import numpy as np
@@ -304,11 +305,12 @@ def test_failed_conversion_keeps_an_existing_output(v1, tmp_path):
 
 
 def test_successful_conversion_replaces_an_existing_output(v1_checkpoint, tmp_path):
-    out = convert.convert(str(v1_checkpoint), str(tmp_path / "mlx"))
-    (out / "stale.txt").write_text("from an older conversion")
+    """A folder convert.py wrote is replaced whole: none of the older output's files stay."""
+    out = convert.convert(str(v1_checkpoint), str(tmp_path / "mlx"), max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").is_file()
     convert.convert(str(v1_checkpoint), str(out), "bfloat16")
     assert mlx_weights(out)["shared.weight"].dtype == mx.bfloat16
-    assert not (out / "stale.txt").exists()
+    assert not (out / "model.safetensors.index.json").exists() and not list(out.glob("model-*"))
     assert [p.name for p in tmp_path.iterdir()] == ["mlx"]  # no staging or old folder left
 
 
@@ -324,7 +326,7 @@ def test_hub_failure_is_one_line(tmp_path, monkeypatch):
     def offline(repo_id):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(convert.ConvertError, match="could not fetch 'google/flan-t5-tiny'") as error:
         convert.convert("google/flan-t5-tiny")
@@ -365,7 +367,8 @@ def test_hub_ids_download_only_the_needed_weights(v1, tmp_path, monkeypatch, fil
         asked.update(repo_id=repo_id, patterns=allow_patterns)
         return str(local)
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: files)
+    info = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=name) for name in files])
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id: info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.chdir(tmp_path)
     out = convert.convert("google/flan-t5-tiny")
