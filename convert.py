@@ -19,6 +19,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -213,13 +214,13 @@ def read_tensors(files):
         yield from (read_safetensors(file) if file.suffix == ".safetensors" else read_torch(file))
 
 
-def expected_shapes(config):
+def expected_shapes(config, source="config.json"):
     """MLX names and shapes of the tensors the config implies (lm_head aside: it is optional).
 
     Read off the model itself, built lazily (nothing is allocated), so that the two agree.
     """
     try:
-        t5 = model.build(dict(config, tie_word_embeddings=True))
+        t5 = model.build(dict(config, tie_word_embeddings=True), source)
     except model.LoadError as error:
         raise ConvertError(str(error)) from None
     return {name: tuple(p.shape) for name, p in tree_flatten(t5.parameters())}
@@ -266,7 +267,7 @@ class ShardWriter:
 
 def convert_weights(files, config, out, dtype, max_shard_bytes):
     """Write the renamed, cast tensors to `out`; return whether lm_head is tied to shared."""
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, files[0].parent / "config.json")
     writer = ShardWriter(out, max_shard_bytes)
     seen, shared, head = set(), None, None
     # disable=None: a bar on a terminal, nothing in logs and pipes (one-line errors stay one line).
@@ -332,7 +333,7 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
         with interrupts_held():
             install(staging, destination, folder)
     except OSError as error:
-        raise ConvertError(os_error_message(error, destination, staging)) from None
+        raise ConvertError(os_error_message(error, destination)) from None
     finally:
         if staging is not None:
             with interrupts_held():
@@ -362,12 +363,11 @@ def check_destination(destination, source_folder):
     if where == source_folder.resolve() or where in source_folder.resolve().parents:
         raise ConvertError(f"{destination} holds the checkpoint being converted; give a new folder")
     if destination.is_dir():
-        extra = sorted(set(os.listdir(destination)) - written_files(destination))
+        ours = written_files(destination)
+        extra = sorted(set(os.listdir(destination)) - ours)
         if extra:
-            ours = (destination / MARKER).is_file()
-            raise ConvertError(f"{destination} already exists and " + (
-                f"holds '{extra[0]}', which convert.py did not write" if ours else "was not written by convert.py")
-                + "; move it away or give another --mlx-path")
+            problem = f"holds '{extra[0]}', which convert.py did not write" if ours else "was not written by convert.py"
+            raise ConvertError(f"{destination} already exists and {problem}; move it away or give another --mlx-path")
 
 
 def written_files(folder):
@@ -413,20 +413,27 @@ def install(staging, destination, source_folder):
 @contextmanager
 def interrupts_held():
     """Hold Ctrl-C (SIGINT) off until the block is done: renames and clean-ups run whole."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread only
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
 
 
-def os_error_message(error, destination, staging):
+def os_error_message(error, destination):
     """One line for an OSError met while converting: the output could not be written, or an input read."""
     path = Path(error.filename or destination)
-    writing = path in (destination, destination.parent) or (staging is not None and staging in (path, *path.parents))
+
+    def output(p):  # the destination, or a staging folder beside it
+        return p == destination or (p.parent == destination.parent and p.name.startswith(f".{destination.name}."))
+
+    writing = path == destination.parent or any(output(p) for p in (path, *path.parents))
     reason = error.strerror or str(error)
     return f"cannot write {destination}: {reason}" if writing else f"cannot read {path}: {reason}"
 

@@ -50,6 +50,11 @@ def guarded(run, args):
 
 def parse_args(argv=None):
     """The command-line arguments; values are checked later, by check()."""
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
+    """main.py's flags, each with its help and default."""
     parser = cli.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
     parser.add_argument("--model", default="t5-11b", metavar="NAME_OR_DIR", help="target: converted folder or name under mlx_models/")
     parser.add_argument("--draft-model", default="t5-small", metavar="NAME_OR_DIR", help="draft: converted folder or name under mlx_models/")
@@ -71,7 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--regular-decode", action="store_true", help="plain decoding with the target only")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
-    return parser.parse_args(argv)
+    return parser
 
 
 def check(args):

@@ -32,13 +32,13 @@ def family(config):
     return FAMILIES[model_type]
 
 
-def build(config):
-    """The (uninitialised) MLX model a config.json describes."""
+def build(config, source="config.json"):
+    """The (uninitialised) MLX model a config.json (file `source`) describes."""
     module = family(config)
     try:
         return module.Model(module.ModelArgs.from_config(config))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:  # a value of the wrong kind
-        raise LoadError(f"config.json does not describe a model this project can build "
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # a value missing or of the wrong kind
+        raise LoadError(f"{source} does not describe a model this project can build "
                         f"({type(error).__name__}: {error})") from None
 
 
@@ -140,7 +140,7 @@ def mismatch(path, model, weights, error):
 def load_model(path, dtype=None):
     """The model in a converted folder, its weights cast to `dtype` (default_dtype() if None)."""
     path = Path(path)
-    model = build(read_config(path))
+    model = build(read_config(path), path / "config.json")
     weights = {}
     for file in weight_files(path):
         weights.update(read_weights(file))

@@ -1,6 +1,7 @@
 """main.py as a user runs it: flags, errors, streaming, JSON, prompt files, batches."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -58,7 +59,18 @@ def test_defaults_are_the_documented_ones():
     assert (args.model, args.draft_model, args.num_draft, args.delta, args.max_tokens) == ("t5-11b", "t5-small", 5,
                                                                                             0.0, 100)
     assert (args.temperature, args.top_k, args.top_p, args.seed) == (0.0, 0, 1.0, 0)
-    assert not args.regular_decode and not args.json and args.prompt_file is None and args.prompt
+    assert not args.regular_decode and not args.json and args.prompt_file is None and args.prompt is None
+
+
+def test_help_explains_every_flag_and_shows_its_default():
+    result = run_main("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for action in main.build_parser()._actions:
+        assert action.help and action.help in text, action.option_strings
+    for default in ("(default: t5-11b)", "(default: t5-small)", "(default: 100)", "(default: 5)", "(default: 0.0)",
+                    f"(default: {main.DEFAULT_PROMPT!r})"):
+        assert default in text, default
 
 
 @pytest.mark.parametrize(
@@ -69,6 +81,20 @@ def test_defaults_are_the_documented_ones():
 def test_bad_values_exit_2_with_one_line(models, flag, value):
     line = one_error_line(run_main(*models, flag, value))
     assert flag in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-draft", "two"], "argument --num-draft: invalid int value: 'two'"),
+    (["--max-tokens", "1.5"], "argument --max-tokens: invalid int value: '1.5'"),
+    (["--temperature", "inf"], "--temperature must be finite"),
+    (["--temperature", "nan"], "--temperature must be finite"),
+    (["--delta"], "argument --delta: expected one argument"),
+    (["--d", "1"], "ambiguous option: --d could match --draft-model, --delta"),
+    (["--fast"], "unrecognized arguments: --fast"),
+    (["--prompt", "a", "--prompt-file", "prompts.jsonl"], "give --prompt or --prompt-file, not both"),
+])
+def test_bad_flags_exit_2_with_one_line(models, args, message):
+    assert message in one_error_line(run_main(*models, *args))
 
 
 def test_missing_prompt_file(models, tmp_path):
@@ -94,10 +120,17 @@ def test_prompt_file_that_is_not_text(models, tmp_path):
     assert "UTF-8" in one_error_line(run_main(*models, "--prompt-file", path))
 
 
-def test_missing_models_name_the_convert_command(tmp_path):
+def test_missing_models_name_the_convert_command(models, tmp_path):
     # The defaults, resolved under mlx_models/ of the working directory, where there are none.
     line = one_error_line(run_main(cwd=tmp_path))
-    assert "python convert.py --model t5-11b" in line
+    assert "'t5-11b' and 't5-small' not found" in line
+    assert line.endswith("python convert.py --model t5-11b && python convert.py --model t5-small")
+    line = one_error_line(run_main(*models[:2], cwd=tmp_path))
+    assert "model 't5-small' not found" in line and "t5-11b" not in line
+
+
+def test_prompt_file_that_is_a_folder(models, tmp_path):
+    assert "Is a directory" in one_error_line(run_main(*models, "--prompt-file", tmp_path))
 
 
 def test_vocabularies_that_differ(models, tmp_path):
@@ -164,3 +197,14 @@ def test_reader_that_stops_early_gets_no_traceback(models, prompt_file):
     process.stdout.close()
     stderr = process.stderr.read()
     assert process.wait(timeout=300) in (0, 1) and "Traceback" not in stderr, stderr
+
+
+def test_ctrl_c_while_decoding_is_one_line(models, prompt_file):
+    args = [sys.executable, str(ROOT / "main.py"), *map(str, models), "--prompt-file", str(prompt_file), "--json",
+            "--max-tokens", "400", "--regular-decode"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    json.loads(process.stdout.readline())  # decoding has begun
+    process.send_signal(signal.SIGINT)
+    process.stdout.read()
+    result = subprocess.CompletedProcess(args, process.wait(timeout=60), "", process.stderr.read())
+    assert one_error_line(result) == "error: interrupted"
