@@ -315,6 +315,8 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
     """Convert checkpoint `source` (hub id or folder) into `mlx_path`; return that folder."""
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if not str(source).strip() or (mlx_path is not None and not str(mlx_path).strip()):
+        raise ConvertError("--model and --mlx-path must not be empty")
     folder = fetch(source)
     config = read_config(folder)
     files = weight_files(folder)

@@ -83,6 +83,7 @@ def check(args):
     """Raise UsageError for the first value out of range."""
     require([
         (args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both"),
+        (args.model.strip() and args.draft_model.strip(), "--model and --draft-model must not be empty"),
         (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
         (0.0 <= args.delta <= 1.0, f"--delta must lie in [0, 1], got {args.delta}"),
         (0.0 <= args.temperature < math.inf, f"--temperature must be finite and not negative, got {args.temperature}"),

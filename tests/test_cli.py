@@ -92,6 +92,7 @@ def test_bad_values_exit_2_with_one_line(models, flag, value):
     (["--d", "1"], "ambiguous option: --d could match --draft-model, --delta"),
     (["--fast"], "unrecognized arguments: --fast"),
     (["--prompt", "a", "--prompt-file", "prompts.jsonl"], "give --prompt or --prompt-file, not both"),
+    (["--model", ""], "--model and --draft-model must not be empty"),
 ])
 def test_bad_flags_exit_2_with_one_line(models, args, message):
     assert message in one_error_line(run_main(*models, *args))

@@ -195,9 +195,11 @@ def test_damaged_checkpoints_are_one_line(source, tmp_path, case):
     ([], "the following arguments are required: --model"),
     (["--model"], "expected one argument"),
     (["--unknown"], "unrecognized arguments: --unknown"),
+    (["--model", ""], "--model and --mlx-path must not be empty"),
+    (["--mlx-path", " "], "--model and --mlx-path must not be empty"),
 ])
 def test_bad_convert_flags_are_one_line(source, tmp_path, args, message):
-    if "--dtype" in args or "--unknown" in args:
+    if args and args[0] != "--model":
         args = ["--model", str(source), *args]
     assert message in one_error_line(run_convert(*args, cwd=tmp_path))
     assert list(tmp_path.iterdir()) == []
