@@ -442,7 +442,8 @@ def os_error_message(error, destination):
 
 def main():
     parser = cli.ArgumentParser(description="Convert a Hugging Face T5 checkpoint to MLX.")
-    parser.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="hub id (t5-small, google/flan-t5-large) or local folder")
+    parser.add_argument("--model", required=True, metavar="NAME_OR_DIR",
+                        help="hub id (t5-small, google/flan-t5-large) or local folder")
     parser.add_argument("--mlx-path", metavar="DIR", help="output folder (default: mlx_models/<last part of --model>); "
                         "an existing one is replaced only if convert.py wrote it")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")

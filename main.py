@@ -5,7 +5,6 @@
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
-import argparse
 import json
 import math
 import os
@@ -56,10 +55,13 @@ def parse_args(argv=None):
 def build_parser():
     """main.py's flags, each with its help and default."""
     parser = cli.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
-    parser.add_argument("--model", default="t5-11b", metavar="NAME_OR_DIR", help="target: converted folder or name under mlx_models/")
-    parser.add_argument("--draft-model", default="t5-small", metavar="NAME_OR_DIR", help="draft: converted folder or name under mlx_models/")
+    parser.add_argument("--model", default="t5-11b", metavar="NAME_OR_DIR",
+                        help="target: converted folder or name under mlx_models/")
+    parser.add_argument("--draft-model", default="t5-small", metavar="NAME_OR_DIR",
+                        help="draft: converted folder or name under mlx_models/")
     parser.add_argument("--prompt", metavar="TEXT", help=f"the input text (default: {DEFAULT_PROMPT!r})")
-    parser.add_argument("--prompt-file", metavar="FILE.jsonl", help='JSON lines, each an object with a "prompt" field (not with --prompt)')
+    parser.add_argument("--prompt-file", metavar="FILE.jsonl",
+                        help='JSON lines, each an object with a "prompt" field (not with --prompt)')
     parser.add_argument("--num-draft", type=int, default=5,
                         help="draft tokens per step: the cap of the adaptive schedule, the count of the constant one")
     parser.add_argument("--draft-schedule", choices=["adaptive", "constant"], default="adaptive",

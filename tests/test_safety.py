@@ -96,7 +96,8 @@ def test_an_existing_folder_we_wrote_is_replaced(source, converted, tmp_path):
     (out / "model.safetensors").write_bytes(b"an older, damaged conversion")
     result = run_convert("--model", source, "--mlx-path", out, "--dtype", "bfloat16", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / convert.MARKER).read_text())["files"] == sorted(set(files_of(converted)) - {convert.MARKER})
+    listed = json.loads((out / convert.MARKER).read_text())["files"]
+    assert listed == sorted(set(files_of(converted)) - {convert.MARKER})
     assert mx.load(str(out / "model.safetensors"))["shared.weight"].dtype == mx.bfloat16
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -173,7 +174,8 @@ DAMAGED_CHECKPOINTS = {
     "weights a folder": (lambda f: replace_with_folder(f / "model.safetensors"), "Is a directory"),
     "index naming a missing shard": (sharded_without_a_shard, "lacks shard part-2.st"),
     "index not JSON": (lambda f: (f / "model.safetensors.index.json").write_text("{"), "not valid JSON"),
-    "index without weight_map": (lambda f: (f / "model.safetensors.index.json").write_text("{}"), "no valid weight_map"),
+    "index without weight_map": (lambda f: (f / "model.safetensors.index.json").write_text("{}"),
+                                 "no valid weight_map"),
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "has no model.safetensors"),
 }
 
@@ -306,7 +308,7 @@ def truncated(path):
 # Each damages a copy of a converted folder; loading must name the problem and what to run.
 DAMAGED_MODELS = {
     "weights truncated": (lambda f: truncated(f / "model.safetensors"),
-                          r"model.safetensors is damaged or incomplete \(.*invalid data offsets.*convert the model again"),
+                          r"model.safetensors is damaged or incomplete \(.*invalid data offsets.*convert the model"),
     "weights empty": (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors is damaged"),
     "weights a folder": (lambda f: replace_with_folder(f / "model.safetensors"), "model.safetensors is damaged"),
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "no weights in .*; convert it again"),
@@ -314,7 +316,8 @@ DAMAGED_MODELS = {
     "config.json a folder": (lambda f: replace_with_folder(f / "config.json"), "config.json: Is a directory"),
     "config.json without model_type": (without_model_type, "names no model_type; convert the model again"),
     "config.json without d_model": (lambda f: set_config(f, d_model=None), "missing .* 'd_model'"),
-    "config.json unknown model_type": (lambda f: set_config(f, model_type="bert"), "model_type 'bert' is not supported"),
+    "config.json unknown model_type": (lambda f: set_config(f, model_type="bert"),
+                                       "model_type 'bert' is not supported"),
     "config.json d_model the weights do not fit": (lambda f: set_config(f, d_model=32),
                                                   r"do not fit its config: Expected shape \(1104, 32\)"),
     "index naming a missing shard": (sharded_without_a_shard, "lacks shard part-2.st named in"),
