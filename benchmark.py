@@ -37,6 +37,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+import cli
 import decoder
 import drafters
 import model
@@ -68,10 +69,9 @@ STEP_CONTEXT = 64
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Benchmark speculative decoding on MLX against plain decoding, theory and transformers. "
                     "g (num-draft) is the number of tokens drafted per step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", help="target (converted folder or name); default: the synthetic pair")
     parser.add_argument("--draft-model", help="draft (converted folder or name)")
