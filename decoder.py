@@ -208,6 +208,16 @@ def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
 
 
 
+def plain_steps(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None, index=0):
+    """`generate` as Step records, one per token, for callers that read records."""
+    began = time.perf_counter()
+    for count, token in enumerate(generate(model, prompt_ids, max_tokens, sampling, stats), 1):
+        finished = token == model.eos_token_id or count == max_tokens
+        now = time.perf_counter()
+        yield Step(index, [token], 0, 0, 0, finished, now - began, 0.0)
+        began = now
+
+
 @dataclass
 class Row:
     """One prompt being decoded: its newest token (the next input) and its counters."""

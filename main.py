@@ -17,6 +17,7 @@ import cli
 import decoder
 import drafters
 import model
+import policy
 
 DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
 
@@ -140,17 +141,16 @@ def load_models(target_path, draft_path=None):
     return target, draft, tokenizer
 
 
-def token_events(args, target, draft, prompt_ids, stats):
-    """(prompt index, token) as decided, for every prompt."""
+def step_events(args, target, draft, prompt_ids, stats):
+    """decoder.Step records (prompt index, tokens, finished, ...) as decided, for every prompt."""
     sampling = decoder.Sampling(args.temperature, args.top_k, args.top_p)
     if draft is None and args.batch_size == 1:
         for i, ids in enumerate(prompt_ids):
-            for token in decoder.generate(target, ids, args.max_tokens, sampling, stats[i]):
-                yield i, token
+            yield from decoder.plain_steps(target, ids, args.max_tokens, sampling, stats[i], i)
         return
-    yield from decoder.speculative_batch(
-        target, draft, prompt_ids, args.max_tokens, args.num_draft, args.delta, sampling, args.batch_size, stats,
-        args.draft_schedule,
+    yield from decoder.speculative_steps(
+        target, decoder.as_drafter(draft), prompt_ids, args.max_tokens,
+        policy.make_policy(args.draft_schedule, args.num_draft), args.delta, sampling, args.batch_size, stats,
     )
 
 
@@ -175,30 +175,29 @@ def summary(stats, seconds, speculative):
     return "[" + ", ".join(parts) + "]"
 
 
-def stream(events, tokenizer, stats, speculative):
-    """Print each prompt's text as its tokens are decided, then its summary."""
-    tokens, shown, current = [], "", None
-    for index, token in events:
-        if index != current:
-            if current is not None:
-                print("\n" + summary([stats[current]], stats[current].seconds, speculative), flush=True)
-            tokens, shown, current = [], "", index
-        tokens.append(token)
+def stream(steps, tokenizer, stats, speculative):
+    """Print each prompt's text as its tokens are decided (batch size 1: one prompt at a time), then its summary."""
+    tokens, shown = [], ""
+    for step in steps:
+        tokens += step.tokens
         # Decode the whole list: sentencepiece pieces decoded one by one lose their spaces.
         text = text_of(tokenizer, tokens)
         print(text[len(shown):], end="", flush=True)
         shown = text
-    if current is not None:
-        print("\n" + summary([stats[current]], stats[current].seconds, speculative), flush=True)
+        if step.finished:
+            print("\n" + summary([stats[step.index]], stats[step.index].seconds, speculative), flush=True)
+            tokens, shown = [], ""
 
 
-def print_json(events, tokenizer, prompts, stats, finished):
+def print_json(steps, tokenizer, prompts, stats):
     """Print one JSON object per prompt, in the prompts' order, as soon as each is complete."""
     tokens = [[] for _ in prompts]
+    finished = [False] * len(prompts)
     following = 0
-    for index, token in events:
-        tokens[index].append(token)
-        while following < len(prompts) and finished(tokens[following]):
+    for step in steps:
+        tokens[step.index] += step.tokens
+        finished[step.index] = step.finished
+        while following < len(prompts) and finished[following]:
             record = {
                 "prompt": prompts[following],
                 "text": text_of(tokenizer, tokens[following]),
@@ -221,17 +220,14 @@ def run(args):
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     stats = [decoder.Stats() for _ in prompts]
     began = time.perf_counter()
-    events = token_events(args, target, draft, prompt_ids, stats)
+    steps = step_events(args, target, draft, prompt_ids, stats)
     speculative = draft is not None
     if args.json or args.batch_size > 1:
-        def finished(tokens):
-            return bool(tokens) and (tokens[-1] == target.eos_token_id or len(tokens) == args.max_tokens)
-
-        print_json(events, tokenizer, prompts, stats, finished)
+        print_json(steps, tokenizer, prompts, stats)
         # stdout stays pure JSON lines; the whole run's summary goes to stderr.
         print(summary(stats, time.perf_counter() - began, speculative), file=sys.stderr)
     else:
-        stream(events, tokenizer, stats, speculative)
+        stream(steps, tokenizer, stats, speculative)
         if len(prompts) > 1:
             print(summary(stats, time.perf_counter() - began, speculative))
 
