@@ -43,7 +43,7 @@ import drafters
 import model
 import policy
 import synthetic
-from main import UsageError, guarded, load_models, read_prompt_file, require
+from main import UsageError, guarded, load_models, read_prompt_file, require, require_models
 
 # Two prompts x 128 tokens x 3 repeats keep the default run within a few minutes here.
 PROMPTS = [
@@ -702,9 +702,8 @@ def benchmark_pair(args, target, draft, prompt_ids, sampling, progress):
     )
 
 
-def run_one(args, eps, progress):
+def run_one(args, prompts, eps, progress):
     """The whole benchmark on one pair: its results dict."""
-    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else PROMPTS
     sources, target, draft, tokenizer, pair = load_pair(args, eps)
     mx.random.seed(0)
     sampling = decoder.Sampling(args.temperature)
@@ -725,11 +724,14 @@ def run_one(args, eps, progress):
 
 def run(args):
     check(args)
+    # Bad input is one line before the progress bar starts.
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else PROMPTS
+    require_models(args.model, args.draft_model)
     settings = len(settings_for(args))
     units = len(args.eps) * (2 + args.repeats * settings + len(args.batch_size or [])
                              + len(hf_tasks(args, 1)) * args.compare_hf)
     with tqdm(total=units, desc="benchmark", file=sys.stderr, dynamic_ncols=True) as progress:
-        sweep = [(eps, run_one(args, eps, progress)) for eps in args.eps]
+        sweep = [(eps, run_one(args, prompts, eps, progress)) for eps in args.eps]
     print("\n\n".join(table(results) for _, results in sweep))
     if len(sweep) > 1:
         print("\n" + sweep_table(sweep))

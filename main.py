@@ -124,11 +124,16 @@ def read_prompt_file(path):
     return prompts
 
 
-def load_models(target_path, draft_path=None):
-    """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError."""
-    missing = [name for name in (target_path, draft_path) if name is not None and model.find(name) is None]
+def require_models(*paths):
+    """Raise a UsageError naming every model among `paths` (None: none wanted) that is not there."""
+    missing = [name for name in paths if name is not None and model.find(name) is None]
     if missing:
         raise UsageError(str(model.not_found(missing)))
+
+
+def load_models(target_path, draft_path=None):
+    """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError."""
+    require_models(target_path, draft_path)
     try:
         target, tokenizer = model.load(target_path)
         draft = None if draft_path is None else model.load(draft_path)[0]
