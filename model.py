@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from models import t5
 
@@ -52,18 +53,49 @@ def resolve(path_or_name):
     raise LoadError(f"model '{path_or_name}' not found; convert it first: python convert.py --model {path_or_name}")
 
 
-def load_model(path, dtype=None):
-    """The model in a converted folder, its weights cast to `dtype` (default_dtype() if None)."""
-    config = json.loads((path / "config.json").read_text())
-    model = build(config)
+def read_weights(path, dtype):
+    """Every tensor in the folder: floating ones cast to `dtype`, packed quantized ones as stored.
+
+    Cast and evaluated one tensor at a time, each dropped from its file's (lazy) dict
+    first, so no copy of the model in its stored dtype builds up beside the cast one.
+    """
     weights = {}
     for file in sorted(path.glob("*.safetensors")):
-        weights.update(mx.load(str(file)))
+        stored = mx.load(str(file))
+        for name in list(stored):
+            array = stored.pop(name)
+            if mx.issubdtype(array.dtype, mx.floating):
+                array = array.astype(dtype)
+            mx.eval(array)
+            weights[name] = array
+    return weights
+
+
+def quantize_layers(model, config, weights):
+    """Swap in quantized layers wherever the folder stores a weight with `.scales` (config.json's "quantization")."""
+    quantization = config.get("quantization")
+    if quantization is None:
+        return
+    try:
+        group_size, bits = quantization["group_size"], quantization["bits"]
+    except (TypeError, KeyError):
+        raise LoadError(f"config.json's quantization {quantization!r} lacks group_size or bits") from None
+    nn.quantize(model, group_size, bits, class_predicate=lambda path, _: f"{path}.scales" in weights)
+
+
+def load_model(path, dtype=None):
+    """The model in a converted folder, its float weights cast to `dtype` (default_dtype() if None).
+
+    A quantized folder loads as quantized layers; its packed weights are never cast.
+    """
+    config = json.loads((path / "config.json").read_text())
+    model = build(config)  # lazy: its random initial weights are never computed
+    weights = read_weights(path, dtype or default_dtype())
     if not weights:
         raise LoadError(f"no weights in {path}; convert it again with convert.py")
-    dtype = dtype or default_dtype()
+    quantize_layers(model, config, weights)
     try:
-        model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+        model.load_weights(list(weights.items()))
     except ValueError as error:
         raise LoadError(f"weights in {path} do not fit its config: {error}") from None
     mx.eval(model.parameters())
