@@ -237,9 +237,9 @@ def quantization_plan(config, quantization):
     stay float. The loader rebuilds exactly these layers from the stored `.scales`.
     """
     t5 = model.build(dict(config, tie_word_embeddings=False))  # lazy: nothing is allocated
-    layers = {f"{path}.weight": m.weight.shape for path, m in t5.named_modules() if hasattr(m, "to_quantized")}
+    layers = [f"{path}.weight" for path, m in t5.named_modules() if hasattr(m, "to_quantized")]
     group = quantization["group_size"]
-    plan = {name for name, shape in layers.items() if shape[-1] % group == 0}
+    plan = model.quantizable(t5, group)
     narrow = sorted(set(layers) - plan)
     others = len(tree_flatten(t5.parameters())) - len(layers)
     note = (f"quantizing linear and embedding weights to {quantization['bits']} bits in groups of {group}; "

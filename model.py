@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from models import t5
 
@@ -35,6 +36,31 @@ def build(config):
     """The (uninitialised) MLX model a config.json describes."""
     module = family(config)
     return module.Model(module.ModelArgs.from_config(config))
+
+
+def quantizable(model, group_size):
+    """Names of the weights MLX can quantize: linear and embedding layers whose last dimension group_size divides."""
+    return {f"{path}.weight" for path, m in model.named_modules()
+            if hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0}
+
+
+def parameter_count(config):
+    """How many parameters config.json describes, counted on the model built lazily."""
+    return sum(p.size for _, p in tree_flatten(build(config).parameters()))
+
+
+def weight_bytes(config, float_bytes=4, quantization=None):
+    """Bytes of the weights config.json describes: floats at float_bytes each; quantized
+    weights at quantization["bits"] each plus a float scale and bias per group."""
+    built = build(config)  # lazy: nothing is allocated
+    quantized = quantizable(built, quantization["group_size"]) if quantization else set()
+    total = 0
+    for name, p in tree_flatten(built.parameters()):
+        if name in quantized:
+            total += p.size * quantization["bits"] / 8 + p.size // quantization["group_size"] * 2 * float_bytes
+        else:
+            total += p.size * float_bytes
+    return int(total)
 
 
 def default_dtype():
