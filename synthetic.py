@@ -371,3 +371,34 @@ def preset_pair(name, eps=PRESET_EPS, seed=0, keep_hf=False):
     if not keep_hf:
         shutil.rmtree(root / "hf", ignore_errors=True)
     return folders
+
+
+# Weight formats of the memory table: (name, bytes per float, quantization).
+FORMATS = [("float32", 4, None), ("bfloat16", 2, None),
+           ("8-bit", 2, {"group_size": 64, "bits": 8}), ("4-bit", 2, {"group_size": 64, "bits": 4})]
+MAC_GB = (8, 16, 24, 32, 64, 128)
+
+
+def usable_gb(memory_gb):
+    """What a pair may take of a Mac's memory: a quarter (at least 4 GB) stays with the system."""
+    return memory_gb - max(4, memory_gb / 4)
+
+
+def memory_table():
+    """README's tables: each checkpoint's size per format, and what a t5-small-drafted pair fits in each Mac."""
+    import model
+
+    sizes = {name: [model.weight_bytes(real_config(name), b, q) / 1e9 for _, b, q in FORMATS] for name in T5_SHAPES}
+    lines = ["| model | parameters | " + " | ".join(f for f, _, _ in FORMATS) + " |", "|---" * (2 + len(FORMATS)) + "|"]
+    for name, row in sizes.items():
+        count = model.parameter_count(real_config(name))
+        lines.append(f"| {name} | {count / 1e9:.3g} B | " + " | ".join(f"{gb:.2f} GB" for gb in row) + " |")
+    lines += ["", "| Mac memory | usable | " + " | ".join(f for f, _, _ in FORMATS) + " |",
+              "|---" * (2 + len(FORMATS)) + "|"]
+    for memory in MAC_GB:
+        fits = []
+        for i in range(len(FORMATS)):
+            targets = [name for name, row in sizes.items() if row[i] + sizes["t5-small"][i] <= usable_gb(memory)]
+            fits.append(targets[-1] if targets else "-")
+        lines.append(f"| {memory} GB | {usable_gb(memory):g} GB | " + " | ".join(fits) + " |")
+    return "\n".join(lines)
