@@ -80,3 +80,13 @@ def test_ids_past_the_tokenizer_are_never_chosen(widened):
         assert mlx_model.vocab_size > len(tokenizer)
         assert mx.all(scores[..., len(tokenizer):] == 0).item()
         assert mx.all(scores.argmax(-1) < len(tokenizer)).item()
+
+
+def test_benchmark_lists_presets_and_refuses_unknown_ones():
+    from conftest import one_error_line, run_script
+
+    listed = run_script("benchmark.py", "--preset")
+    assert listed.returncode == 0 and "t5-3b" in listed.stdout
+    assert "unknown --preset 't5-4b'" in one_error_line(run_script("benchmark.py", "--preset", "t5-4b"))
+    assert "exclude each other" in one_error_line(run_script("benchmark.py", "--preset", "t5-3b", "--model", "x",
+                                                             "--draft-model", "y"))
