@@ -98,6 +98,9 @@ def parse_args(argv=None):
                              "layers; 0 is the draft's own function); several values sweep them")
     parser.add_argument("--layers", type=int, default=PAIR["target_layers"], help="synthetic pair: target layers")
     parser.add_argument("--d-model", type=int, default=PAIR["d_model"], help="synthetic pair: d_model")
+    parser.add_argument("--preset", nargs="?", const="",
+                        help="a pair with real checkpoints' shapes, built offline (t5-3b; --eps applies); "
+                             "no value lists them")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: the transformers child process
     return parser.parse_args(argv)
 
@@ -117,6 +120,9 @@ def check(args):
         (not args.batch_size or all(b >= 1 for b in args.batch_size), "--batch-size values must be at least 1"),
         ((args.model is None) == (args.draft_model is None), "give both --model and --draft-model, or neither"),
         ((args.hf_model is None) == (args.hf_draft_model is None), "give both --hf-model and --hf-draft-model, or neither"),
+        (args.preset in (None, "") or args.preset in synthetic.PRESETS,
+         f"unknown --preset '{args.preset}'; choose one of {', '.join(synthetic.PRESETS)}"),
+        (args.preset is None or args.model is None, "--preset and --model exclude each other"),
         (args.hf_model is None or args.model is not None, "--hf-model goes with --model; the synthetic pair has its own"),
         (args.hf_model is None or args.compare_hf, "--hf-model and --hf-draft-model need --compare-hf"),
         (not (args.compare_hf and args.model and not args.hf_model),
@@ -645,7 +651,11 @@ def write_atomically(path, mode, write):
 
 def load_pair(args, eps):
     """(sources, target, draft, tokenizer, description of the pair)."""
-    if args.model is None:
+    if args.preset:
+        sources = synthetic.preset_pair(args.preset, eps, keep_hf=args.compare_hf)
+        target_shape, draft_shape = synthetic.PRESETS[args.preset]
+        pair = f"preset {args.preset}: {target_shape}'s shapes holding a {draft_shape}-shaped draft, eps {eps}"
+    elif args.model is None:
         sources = synthetic_pair(eps, args.layers, args.d_model)
         pair = (f"synthetic pair: {args.layers}-layer target holding a {PAIR['draft_layers']}-layer draft, "
                 f"d_model {args.d_model}, eps {eps}")
@@ -709,7 +719,9 @@ def run_one(args, prompts, eps, progress):
     sampling = decoder.Sampling(args.temperature)
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     began = time.perf_counter()
-    results = dict(machine=machine(), pair=pair, eps=eps if args.model is None else None, prompts=len(prompts),
+    results = dict(machine=machine(), pair=pair, eps=eps if args.model is None else None,
+                   target_parameters=parameters(sources["target"]), draft_parameters=parameters(sources["draft"]),
+                   prompts=len(prompts),
                    max_tokens=args.max_tokens, temperature=args.temperature, repeats=args.repeats)
     results.update(benchmark_pair(args, target, draft, prompt_ids, sampling, progress))
     if args.batch_size:
@@ -722,7 +734,16 @@ def run_one(args, prompts, eps, progress):
     return results
 
 
+def parameters(folder):
+    """The parameter count of a converted model (from its config: packed weights would miscount)."""
+    return model.parameter_count(json.loads((model.resolve(folder) / "config.json").read_text()))
+
+
 def run(args):
+    if args.preset == "":
+        print("presets: " + ", ".join(f"{name} (target shaped as {t}, draft as {d})"
+                                      for name, (t, d) in synthetic.PRESETS.items()))
+        return
     check(args)
     # Bad input is one line before the progress bar starts.
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else PROMPTS

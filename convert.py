@@ -1,6 +1,7 @@
 """Convert a Hugging Face T5 checkpoint (hub id or local folder) into MLX weights.
 
     python convert.py --model t5-small [--mlx-path DIR] [--dtype float32|bfloat16|float16]
+                      [-q [--q-bits 4|8] [--q-group-size 32|64|128]]
 
 Tensors are read, renamed, cast and written one at a time, so peak memory stays near
 one output shard. The output is written to a temporary folder and renamed at the end;
@@ -38,6 +39,7 @@ MAX_SHARD_BYTES = 5 << 30
 # Written last into every output folder: the names of the files convert.py put there.
 # Only a folder holding this file and nothing it does not list is ours to replace.
 MARKER = ".mlx-converted"
+Q_BITS, Q_GROUP_SIZES = (4, 8), (32, 64, 128)
 REQUIRED_CONFIG = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
 # Hugging Face name -> MLX name. Block 0 carries the relative position bias of its stack.
 RENAMES = [
@@ -226,6 +228,45 @@ def expected_shapes(config, source="config.json"):
     return {name: tuple(p.shape) for name, p in tree_flatten(t5.parameters())}
 
 
+def quantization_settings(bits=4, group_size=64):
+    """config.json's "quantization" entry, mlx-lm's defaults: 4 bits in groups of 64."""
+    if bits not in Q_BITS:
+        raise ConvertError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, not {bits}")
+    if group_size not in Q_GROUP_SIZES:
+        raise ConvertError(f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, not {group_size}")
+    return {"group_size": group_size, "bits": bits}
+
+
+def quantization_plan(config, quantization):
+    """The MLX names of the weights to store quantized, with a note on stderr of those kept float.
+
+    MLX quantizes the layers that have `to_quantized` (linear and embedding layers), and
+    only along a last dimension divisible by the group size; norms and position biases
+    stay float. The loader rebuilds exactly these layers from the stored `.scales`.
+    """
+    t5 = model.build(dict(config, tie_word_embeddings=False))  # lazy: nothing is allocated
+    layers = [f"{path}.weight" for path, m in t5.named_modules() if hasattr(m, "to_quantized")]
+    group = quantization["group_size"]
+    plan = model.quantizable(t5, group)
+    narrow = sorted(set(layers) - plan)
+    others = len(tree_flatten(t5.parameters())) - len(layers)
+    note = (f"quantizing linear and embedding weights to {quantization['bits']} bits in groups of {group}; "
+            f"{others} norm and position-bias tensors stay float (MLX quantizes only linear and embedding layers)")
+    if narrow:
+        note += f"; {len(narrow)} stay float because their last dimension is not a multiple of {group}, e.g. '{narrow[0]}'"
+    print(note, file=sys.stderr)
+    return plan
+
+
+def stored_tensors(name, array, plan, quantization):
+    """{name: array} as written: a quantized weight becomes its packed weight, scales and biases."""
+    if name not in plan:
+        return {name: array}
+    weight, scales, biases = mx.quantize(array, group_size=quantization["group_size"], bits=quantization["bits"])
+    prefix = name.removesuffix(".weight")
+    return {name: weight, f"{prefix}.scales": scales, f"{prefix}.biases": biases}
+
+
 class ShardWriter:
     """Collects tensors and writes a safetensors shard whenever `max_bytes` is reached."""
 
@@ -265,9 +306,10 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def convert_weights(files, config, out, dtype, max_shard_bytes):
-    """Write the renamed, cast tensors to `out`; return whether lm_head is tied to shared."""
+def convert_weights(files, config, out, dtype, max_shard_bytes, quantization=None):
+    """Write the renamed, cast (and quantized) tensors to `out`; return whether lm_head is tied to shared."""
     expected = expected_shapes(config, files[0].parent / "config.json")
+    plan = quantization_plan(config, quantization) if quantization else set()
     writer = ShardWriter(out, max_shard_bytes)
     seen, shared, head = set(), None, None
     # disable=None: a bar on a terminal, nothing in logs and pipes (one-line errors stay one line).
@@ -288,9 +330,9 @@ def convert_weights(files, config, out, dtype, max_shard_bytes):
             raise ConvertError(f"tensor '{hf_name}' has shape {shape}, config.json implies {expected[name]}")
         if name == "shared.weight":
             shared = array
-        array = array.astype(dtype)
-        mx.eval(array)
-        writer.add(name, array)
+        for stored_name, stored in stored_tensors(name, array.astype(dtype), plan, quantization).items():
+            mx.eval(stored)
+            writer.add(stored_name, stored)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ConvertError(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, "
@@ -299,7 +341,8 @@ def convert_weights(files, config, out, dtype, max_shard_bytes):
     if not tied:
         if tuple(head.shape) != expected["shared.weight"]:
             raise ConvertError(f"lm_head has shape {tuple(head.shape)}, expected {expected['shared.weight']}")
-        writer.add("lm_head.weight", head.astype(dtype))
+        for stored_name, stored in stored_tensors("lm_head.weight", head.astype(dtype), plan, quantization).items():
+            writer.add(stored_name, stored)
     writer.finish()
     return tied
 
@@ -311,8 +354,12 @@ def output_config(config, tied):
     return dict(config, tie_word_embeddings=tied, scale_decoder_outputs=bool(scale))
 
 
-def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BYTES):
-    """Convert checkpoint `source` (hub id or folder) into `mlx_path`; return that folder."""
+def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BYTES, quantization=None):
+    """Convert checkpoint `source` (hub id or folder) into `mlx_path`; return that folder.
+
+    quantization: None, or quantization_settings(bits, group_size) to store linear and
+    embedding weights quantized (the other tensors in `dtype`).
+    """
     if dtype not in DTYPES:
         raise ConvertError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     if not str(source).strip() or (mlx_path is not None and not str(mlx_path).strip()):
@@ -326,8 +373,11 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
     try:
         with interrupts_held():  # a Ctrl-C here could leave a staging folder nobody removes
             staging = make_staging(destination)
-        tied = convert_weights(files, config, staging, DTYPES[dtype], max_shard_bytes)
-        (staging / "config.json").write_text(json.dumps(output_config(config, tied), indent=2))
+        tied = convert_weights(files, config, staging, DTYPES[dtype], max_shard_bytes, quantization)
+        written = output_config(config, tied)
+        if quantization:
+            written["quantization"] = quantization
+        (staging / "config.json").write_text(json.dumps(written, indent=2))
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
@@ -447,12 +497,20 @@ def main():
     parser.add_argument("--mlx-path", metavar="DIR", help="output folder (default: mlx_models/<last part of --model>); "
                         "an existing one is replaced only if convert.py wrote it")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")
+    parser.add_argument("-q", "--quantize", action="store_true", help="store linear and embedding weights quantized")
+    parser.add_argument("--q-bits", type=int, help="with -q: bits per weight, 4 or 8 [4]")
+    parser.add_argument("--q-group-size", type=int, help="with -q: weights per scale and bias, 32, 64 or 128 [64]")
     args = parser.parse_args()
     if args.dtype == "float16":
         print("warning: large T5 checkpoints overflow in float16 (feed-forward activations); "
               "prefer bfloat16 or float32", file=sys.stderr)
     try:
-        path = convert(args.model, args.mlx_path, args.dtype)
+        if not args.quantize and (args.q_bits, args.q_group_size) != (None, None):
+            raise ConvertError("--q-bits and --q-group-size go with -q/--quantize")
+        quantization = None
+        if args.quantize:
+            quantization = quantization_settings(args.q_bits or 4, args.q_group_size or 64)
+        path = convert(args.model, args.mlx_path, args.dtype, quantization=quantization)
     except (ConvertError, model.LoadError) as error:
         cli.fail(error)
     except OSError as error:  # outside the writing: e.g. a folder that cannot be listed

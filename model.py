@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 import cli
@@ -65,6 +66,31 @@ def indexed_files(index):
     if missing:
         raise LoadError(f"{index.parent} lacks shard {missing[0]} named in {index.name}")
     return files
+
+
+def quantizable(model, group_size):
+    """Names of the weights MLX can quantize: linear and embedding layers whose last dimension group_size divides."""
+    return {f"{path}.weight" for path, m in model.named_modules()
+            if hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0}
+
+
+def parameter_count(config):
+    """How many parameters config.json describes, counted on the model built lazily."""
+    return sum(p.size for _, p in tree_flatten(build(config).parameters()))
+
+
+def weight_bytes(config, float_bytes=4, quantization=None):
+    """Bytes of the weights config.json describes: floats at float_bytes each; quantized
+    weights at quantization["bits"] each plus a float scale and bias per group."""
+    built = build(config)  # lazy: nothing is allocated
+    quantized = quantizable(built, quantization["group_size"]) if quantization else set()
+    total = 0
+    for name, p in tree_flatten(built.parameters()):
+        if name in quantized:
+            total += p.size * quantization["bits"] / 8 + p.size // quantization["group_size"] * 2 * float_bytes
+        else:
+            total += p.size * float_bytes
+    return int(total)
 
 
 def default_dtype():
@@ -137,16 +163,52 @@ def mismatch(path, model, weights, error):
     return LoadError(f"weights in {path} do not fit its config: {cli.first_line(error)}")
 
 
-def load_model(path, dtype=None):
-    """The model in a converted folder, its weights cast to `dtype` (default_dtype() if None)."""
-    path = Path(path)
-    model = build(read_config(path), path / "config.json")
+def cast_weights(files, dtype):
+    """Every tensor in `files`: floating ones cast to `dtype`, packed quantized ones as stored.
+
+    Cast and evaluated one tensor at a time, each dropped from its file's (lazy) dict
+    first, so no copy of the model in its stored dtype builds up beside the cast one.
+    """
     weights = {}
-    for file in weight_files(path):
-        weights.update(read_weights(file))
-    dtype = dtype or default_dtype()
+    for file in files:
+        stored = read_weights(file)
+        for name in list(stored):
+            array = stored.pop(name)
+            if mx.issubdtype(array.dtype, mx.floating):
+                array = array.astype(dtype)
+            try:
+                mx.eval(array)
+            except (RuntimeError, ValueError) as error:
+                raise LoadError(f"{file} is damaged or incomplete ({cli.first_line(error)}); "
+                                f"convert the model again") from None
+            weights[name] = array
+    return weights
+
+
+def quantize_layers(model, config, weights):
+    """Swap in quantized layers wherever the folder stores a weight with `.scales` (config.json's "quantization")."""
+    quantization = config.get("quantization")
+    if quantization is None:
+        return
     try:
-        model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+        group_size, bits = quantization["group_size"], quantization["bits"]
+    except (TypeError, KeyError):
+        raise LoadError(f"config.json's quantization {quantization!r} lacks group_size or bits") from None
+    nn.quantize(model, group_size, bits, class_predicate=lambda path, _: f"{path}.scales" in weights)
+
+
+def load_model(path, dtype=None):
+    """The model in a converted folder, its float weights cast to `dtype` (default_dtype() if None).
+
+    A quantized folder loads as quantized layers; its packed weights are never cast.
+    """
+    path = Path(path)
+    config = read_config(path)
+    model = build(config, path / "config.json")  # lazy: its random initial weights are never computed
+    weights = cast_weights(weight_files(path), dtype or default_dtype())
+    quantize_layers(model, config, weights)
+    try:
+        model.load_weights(list(weights.items()))
     except ValueError as error:
         raise mismatch(path, model, weights, error) from None
     mx.eval(model.parameters())

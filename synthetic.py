@@ -10,6 +10,7 @@ import inspect
 import io
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -141,13 +142,8 @@ def layer_shapes(config, stack, index):
     return shapes
 
 
-def random_weights(config, seed=0):
-    """Float32 weights in Hugging Face's names, drawn as transformers initialises T5.
-
-    Norm weights are drawn near 1 rather than set to 1, so a test notices a dropped norm.
-    """
-    rng = np.random.default_rng(seed)
-    factor = config.get("initializer_factor", 1.0)
+def tensor_shapes(config):
+    """{Hugging Face name: (shape, init std factor or None for norms)} of a T5 config's tensors."""
     d = config["d_model"]
     decoder_layers = config.get("num_decoder_layers") or config["num_layers"]
     shapes = {"shared.weight": ((config["vocab_size"], d), 1.0)}
@@ -157,32 +153,45 @@ def random_weights(config, seed=0):
         shapes[f"{stack}.final_layer_norm.weight"] = ((d,), None)
     if not config.get("tie_word_embeddings", True):
         shapes["lm_head.weight"] = ((config["vocab_size"], d), 1.0)
-    weights = {}
-    for name, (shape, std) in shapes.items():
-        if std is None:
-            weights[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            weights[name] = (factor * std * rng.standard_normal(shape)).astype(np.float32)
-    return weights
+    return shapes
+
+
+def random_tensor(shape, std, factor, rng):
+    """Drawn as transformers initialises T5; norms (std None) near 1 rather than 1, so a test notices a dropped norm."""
+    if std is None:
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return (factor * std * rng.standard_normal(shape)).astype(np.float32)
+
+
+def random_weights(config, seed=0):
+    """Float32 weights in Hugging Face's names, drawn as transformers initialises T5."""
+    rng = np.random.default_rng(seed)
+    factor = config.get("initializer_factor", 1.0)
+    return {name: random_tensor(shape, std, factor, rng) for name, (shape, std) in tensor_shapes(config).items()}
 
 
 def save_checkpoint(folder, config, weights, shards=1, fmt="safetensors"):
     """Write a Hugging Face checkpoint: config, tokenizer files, and weights in `shards` files."""
+    names = list(weights)
+    groups = ({name: weights[name] for name in names[i::shards]} for i in range(shards))
+    return save_groups(folder, config, groups, shards, fmt)
+
+
+def save_groups(folder, config, groups, count, fmt="safetensors"):
+    """Write a checkpoint whose weights come as `count` dicts, one file each, held one at a time."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    names = list(weights)
-    groups = [names[i::shards] for i in range(shards)]
     stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
-    files = [f"{stem}.{suffix}"] if shards == 1 else [f"{stem}-{i + 1:05d}-of-{shards:05d}.{suffix}" for i in range(shards)]
+    files = [f"{stem}.{suffix}"] if count == 1 else [f"{stem}-{i + 1:05d}-of-{count:05d}.{suffix}" for i in range(count)]
+    weight_map, total = {}, 0
     for file, group in zip(files, groups):
-        write_weights(folder / file, {name: weights[name] for name in group}, fmt)
-    if shards > 1:
-        index = {
-            "metadata": {"total_size": int(sum(w.nbytes for w in weights.values()))},
-            "weight_map": {name: file for file, group in zip(files, groups) for name in group},
-        }
+        write_weights(folder / file, group, fmt)
+        weight_map.update(dict.fromkeys(group, file))
+        total += sum(w.nbytes for w in group.values())
+    if count > 1:
+        index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
         (folder / f"{stem}.{suffix}.index.json").write_text(json.dumps(index, indent=2))
     return folder
 
@@ -223,3 +232,173 @@ def speculative_pair(folder, draft_layers=2, target_layers=24, d_model=512, eps=
         if layer is not None and int(layer) >= draft_layers and output:
             target[name] = target[name] * np.float32(eps)
     return save_checkpoint(folder / "draft", draft_config, draft), save_checkpoint(folder / "target", target_config, target)
+
+
+# Google's T5 v1 checkpoints (relu, tied head, vocabulary 32128), as their config.json say.
+T5_VOCAB = 32128
+T5_SHAPES = {
+    "t5-small": dict(d_model=512, d_kv=64, num_heads=8, d_ff=2048, num_layers=6),
+    "t5-base": dict(d_model=768, d_kv=64, num_heads=12, d_ff=3072, num_layers=12),
+    "t5-large": dict(d_model=1024, d_kv=64, num_heads=16, d_ff=4096, num_layers=24),
+    "t5-3b": dict(d_model=1024, d_kv=128, num_heads=32, d_ff=16384, num_layers=24),
+    "t5-11b": dict(d_model=1024, d_kv=128, num_heads=128, d_ff=65536, num_layers=24),
+}
+
+
+def real_config(name, **overrides):
+    """The config of Google's checkpoint `name` (a T5_SHAPES key), overrides applied."""
+    shape = T5_SHAPES[name]
+    return t5_config(T5_VOCAB, **dict(shape, num_decoder_layers=shape["num_layers"], **overrides))
+
+
+# The t5-3b preset: T5-3B's shapes over T5-small's. Both untie the head (33M parameters,
+# 1.2% of the target): random weights with T5's tied head repeat one token (1 to 3
+# distinct tokens in 40 at initializer factors 1 to 30), which would make acceptance
+# meaningless. Factor 3 gives the most varied output of those tried.
+PRESETS = {"t5-3b": ("t5-3b", "t5-small")}
+PRESET_SETTINGS = dict(tie_word_embeddings=False, initializer_factor=3.0)
+PRESET_EPS = 0.05
+SHARD_BYTES = 1 << 30
+
+
+def silent_ids(weights, config):
+    """Zero the head rows of ids past the tokenizer, so no generated id lacks a piece.
+
+    Their logit is then exactly 0, below the largest of the tokenizer's ~1100 random
+    logits at every greedy step (decoding would drop such ids silently).
+    """
+    weights["lm_head.weight"][tokenizer_size():] = 0
+    return weights
+
+
+def embed(target, draft, name, draft_config, target_config):
+    """Write `draft` into the leading corner of `target`: its heads, hidden units and residual dims first."""
+    heads, kv, d = draft_config["num_heads"], draft_config["d_kv"], draft_config["d_model"]
+    target_kv, wide = target_config["d_kv"], target_config["d_model"]
+    kind = name.split(".")[-2]
+    if kind in ("q", "k", "v"):
+        target.reshape(-1, target_kv, wide)[:heads, :kv, :d] = draft.reshape(heads, kv, d)
+    elif kind == "o":
+        target.reshape(wide, -1, target_kv)[:d, :heads, :kv] = draft.reshape(d, heads, kv)
+    elif kind == "relative_attention_bias":
+        target[:, :heads] = draft
+    elif target.ndim == 1:
+        # RMSNorm over the wider stream divides by an rms sqrt(wide / d) times smaller
+        # (the extra dims hold next to nothing): the weights undo it.
+        target[:d] = draft / np.sqrt(wide / d)
+    else:
+        target[: draft.shape[0], : draft.shape[1]] = draft
+    return target
+
+
+def widened_tensor(name, shape, std, draft, draft_config, target_config, eps, rng):
+    """One target tensor: random, with its output side scaled by eps, and the draft's tensor embedded.
+
+    What the draft does not compute reaches the residual stream (and the logits) only
+    through eps: attention and feed-forward output projections, the embedding's and the
+    head's extra columns, and the query dims the draft's heads lack (their scores stay the draft's).
+    """
+    array = random_tensor(shape, std, target_config.get("initializer_factor", 1.0), rng)
+    kind = name.split(".")[-2]
+    if kind in ("o", "wo", "shared", "lm_head"):
+        array *= np.float32(eps)
+    if kind == "q" and name in draft:
+        array.reshape(-1, target_config["d_kv"], shape[1])[: draft_config["num_heads"]] *= np.float32(eps)
+    if name in draft:
+        embed(array, draft[name], name, draft_config, target_config)
+    return array
+
+
+def shard_names(shapes, max_bytes=SHARD_BYTES):
+    """Tensor names grouped into runs of at most max_bytes of float32 (one tensor may exceed it)."""
+    groups, size = [[]], 0
+    for name, (shape, _) in shapes.items():
+        nbytes = 4 * int(np.prod(shape))
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def widened_pair(folder, draft_config, target_config, eps, seed=0):
+    """Save a draft and a wider, deeper target that computes the draft's function at eps 0.
+
+    The target holds the draft in the first heads, hidden units and residual dims of its
+    first layers; its other layers are random with output projections scaled by eps. It
+    is written a shard at a time: memory holds the draft and one shard of the target.
+    """
+    folder = Path(folder)
+    draft = silent_ids(random_weights(draft_config, seed), draft_config)
+    shapes = tensor_shapes(target_config)
+    groups = shard_names(shapes)
+
+    def target_groups():
+        for names in groups:
+            group = {}
+            for name in names:
+                rng = np.random.default_rng([seed + 1, list(shapes).index(name)])
+                group[name] = widened_tensor(name, *shapes[name], draft, draft_config, target_config, eps, rng)
+            if "lm_head.weight" in group:
+                silent_ids(group, target_config)
+            yield group
+
+    target = save_groups(folder / "target", target_config, target_groups(), len(groups))
+    return save_checkpoint(folder / "draft", draft_config, draft), target
+
+
+def preset_pair(name, eps=PRESET_EPS, seed=0, keep_hf=False):
+    """Folders of a preset pair, converted for MLX (and as Hugging Face checkpoints with keep_hf).
+
+    Built once under CACHE. The Hugging Face copy is written only when it is wanted or
+    the MLX folders are missing, and removed after conversion unless kept.
+    """
+    import convert
+
+    target_name, draft_name = PRESETS[name]
+    root = CACHE / f"preset-{name}-eps{eps}-seed{seed}"
+    folders = {"target": root / "mlx-target", "draft": root / "mlx-draft",
+               "hf_target": root / "hf" / "target", "hf_draft": root / "hf" / "draft"}
+    converted = (folders["draft"] / "config.json").is_file()
+    if (keep_hf or not converted) and not (folders["hf_draft"] / "config.json").is_file():
+        print(f"building the {name} pair in {root} ...", file=sys.stderr)
+        widened_pair(root / "hf", real_config(draft_name, **PRESET_SETTINGS),
+                     real_config(target_name, **PRESET_SETTINGS), eps, seed)
+    if not converted:
+        for which in ("target", "draft"):  # the draft last: its folder marks a finished build
+            convert.convert(str(folders[f"hf_{which}"]), str(folders[which]), max_shard_bytes=SHARD_BYTES)
+    if not keep_hf:
+        shutil.rmtree(root / "hf", ignore_errors=True)
+    return folders
+
+
+# Weight formats of the memory table: (name, bytes per float, quantization).
+FORMATS = [("float32", 4, None), ("bfloat16", 2, None),
+           ("8-bit", 2, {"group_size": 64, "bits": 8}), ("4-bit", 2, {"group_size": 64, "bits": 4})]
+MAC_GB = (8, 16, 24, 32, 64, 128)
+
+
+def usable_gb(memory_gb):
+    """What a pair may take of a Mac's memory: a quarter (at least 4 GB) stays with the system."""
+    return memory_gb - max(4, memory_gb / 4)
+
+
+def memory_table():
+    """README's tables: each checkpoint's size per format, and what a t5-small-drafted pair fits in each Mac."""
+    import model
+
+    sizes = {name: [model.weight_bytes(real_config(name), b, q) / 1e9 for _, b, q in FORMATS] for name in T5_SHAPES}
+    lines = ["| model | parameters | " + " | ".join(f for f, _, _ in FORMATS) + " |", "|---" * (2 + len(FORMATS)) + "|"]
+    for name, row in sizes.items():
+        count = model.parameter_count(real_config(name))
+        lines.append(f"| {name} | {count / 1e9:.3g} B | " + " | ".join(f"{gb:.2f} GB" for gb in row) + " |")
+    lines += ["", "| Mac memory | usable | " + " | ".join(f for f, _, _ in FORMATS) + " |",
+              "|---" * (2 + len(FORMATS)) + "|"]
+    for memory in MAC_GB:
+        fits = []
+        for i in range(len(FORMATS)):
+            targets = [name for name, row in sizes.items() if row[i] + sizes["t5-small"][i] <= usable_gb(memory)]
+            fits.append(targets[-1] if targets else "-")
+        lines.append(f"| {memory} GB | {usable_gb(memory):g} GB | " + " | ".join(fits) + " |")
+    return "\n".join(lines)
