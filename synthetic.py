@@ -244,6 +244,8 @@ def llama_shapes(config):
             shapes[f"{prefix}.self_attn.o_proj.bias"] = ((d,), std)
         for name, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
             shapes[f"{prefix}.mlp.{name}.weight"] = (shape, std)
+            if config.get("mlp_bias", False):
+                shapes[f"{prefix}.mlp.{name}.bias"] = (shape[:1], std)
         shapes[f"{prefix}.input_layernorm.weight"] = ((d,), None)
         shapes[f"{prefix}.post_attention_layernorm.weight"] = ((d,), None)
     if not config.get("tie_word_embeddings", False):
