@@ -265,6 +265,8 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
 
+    max_positions = None  # relative positions: no table to run off
+
     @property
     def vocab_size(self):
         return self.args.vocab_size

@@ -4,13 +4,17 @@ Tiny random checkpoints are written in Hugging Face's format by synthetic.py, re
 transformers as they are, and converted for MLX by convert.py.
 """
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import OFTEN, one_error_line, run_script
 from test_decoder import EndsAt, assert_follows
 
 import convert
 import decoder
+import main
 import model
 import synthetic
 from models.cache import Cache
@@ -255,9 +259,8 @@ def test_delta_one_accepts_every_draft(pairs, family):
     assert stats.drafted > 0 and stats.acceptance_rate == 1.0
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sampled_tokens_follow_the_target(load_pair, pair_dirs, family, batch_size):
+def test_sampled_tokens_follow_the_target(load_pair, pair_dirs, family, batch_size=4):
     """The first token of many speculative generations (a draft accepted or resampled) follows the target."""
     target, draft, tokenizer = load_pair(0.3, family=family)
     hf = AutoModelForCausalLM.from_pretrained(pair_dirs(0.3, family=family)[0].parent / "hf" / "target").eval()
@@ -274,3 +277,108 @@ def test_sampled_tokens_follow_the_target(load_pair, pair_dirs, family, batch_si
     samples = np.array([firsts[i] for i in range(copies)])
     assert set(samples.tolist()) <= set(np.flatnonzero(expected).tolist())
     assert_follows(samples, expected)
+
+
+# ----- command line -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_cli(pair_dirs, tmp_path_factory):
+    """(model flags, prompt file) for main.py on the GPT-2 pair."""
+    target, draft = pair_dirs(0.05, family="gpt2")
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return ["--model", target, "--draft-model", draft], path
+
+
+@pytest.mark.parametrize("flags", [["--json"], ["--json", "--regular-decode"], ["--batch-size", "3", "--num-draft", "7"]])
+def test_main_json_tokens_are_transformers_greedy(gpt2_cli, hf_greedy, flags):
+    models, prompt_file = gpt2_cli
+    result = run_script("main.py", *models, "--prompt-file", prompt_file, "--max-tokens", MAX_TOKENS, *flags)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == PROMPTS
+    assert [r["tokens"] for r in records] == hf_greedy["gpt2"]  # generated ids only, no prompt
+    for record in records:
+        assert record["stats"]["generated"] == len(record["tokens"])
+        assert record["text"] == AutoTokenizer.from_pretrained(models[1]).decode(record["tokens"], skip_special_tokens=True)
+
+
+def test_main_streams_a_causal_model(gpt2_cli, hf_greedy, pairs):
+    models, _ = gpt2_cli
+    result = run_script("main.py", *models, "--prompt", PROMPTS[0], "--max-tokens", MAX_TOKENS)
+    assert result.returncode == 0, result.stderr
+    text, summary = result.stdout.rstrip("\n").rsplit("\n", 1)
+    assert text == main.text_of(pairs["gpt2"][2], hf_greedy["gpt2"][0]) and "acceptance" in summary
+
+
+def test_prompt_past_gpt2_positions_is_one_line(gpt2_cli):
+    models, _ = gpt2_cli
+    line = one_error_line(run_script("main.py", *models, "--prompt", "Close the file.", "--max-tokens", 600))
+    assert "positions" in line and "512" in line
+
+
+def test_vocabularies_that_differ_are_one_line(gpt2_cli, pair_dirs, tmp_path):
+    """Draft and target must share a tokenizer: another size, or the same size with other tokens."""
+    models, _ = gpt2_cli
+    t5_target, _ = pair_dirs(OFTEN)  # a sentencepiece vocabulary of 1100 tokens
+    assert "vocabularies differ" in one_error_line(run_script("main.py", "--model", t5_target,
+                                                              "--draft-model", models[3]))
+    # A T5 with exactly the BPE's 1000 ids, and its own sentencepiece tokenizer.
+    config = synthetic.t5_config(synthetic.tokenizer_size(kind="bpe"), gated=True)
+    source = synthetic.save_checkpoint(tmp_path / "hf", config, synthetic.random_weights(config))
+    same_size = convert.convert(str(source), str(tmp_path / "mlx"))
+    line = one_error_line(run_script("main.py", "--model", same_size, "--draft-model", models[3]))
+    assert "vocabularies differ" in line and "tokenizers" in line
+
+
+# ----- convert.py -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hub_id,family", [("gpt2-xl", "gpt2"), ("deepseek-ai/deepseek-coder-1.3b-base", "llama")])
+def test_hub_path_offline(hub_id, family, tmp_path, monkeypatch):
+    """convert.py --model <hub id>: huggingface_hub's calls replaced by a local folder."""
+    import huggingface_hub
+
+    config = synthetic.gpt2_config() if family == "gpt2" else synthetic.llama_config()
+    local = synthetic.save_checkpoint(tmp_path / "snapshot", config, synthetic.random_weights(config))
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: [p.name for p in local.iterdir()])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    out = convert.convert(hub_id)
+    assert asked["repo_id"] == hub_id and {"vocab.json", "merges.txt", "tokenizer.json"} <= set(asked["patterns"])
+    assert out == convert.Path("mlx_models") / hub_id.split("/")[-1]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"} <= {
+        p.name for p in (tmp_path / out).iterdir()}
+    ours, tokenizer = model.load(tmp_path / out)
+    assert type(ours).__module__ == f"models.{family}" and tokenizer("Close the file.").input_ids
+
+
+def test_gpt2_hub_layout_converts(tmp_path):
+    """The hub's gpt2 files: names without `transformer.`, causal-mask buffers, a .bin, a copy of the head."""
+    config = synthetic.gpt2_config()
+    weights = synthetic.random_weights(config)
+    hub = {name.removeprefix("transformer."): array for name, array in weights.items()}
+    hub["h.0.attn.bias"] = np.tril(np.ones((1, 1, 512, 512), dtype=np.float32))
+    hub["lm_head.weight"] = weights["transformer.wte.weight"]
+    expected = model.load(convert.convert(str(synthetic.save_checkpoint(tmp_path / "hf", config, weights)),
+                                          str(tmp_path / "plain")))[0]
+    for fmt in ("safetensors", "bin"):
+        source = synthetic.save_checkpoint(tmp_path / f"hub-{fmt}", config, hub, fmt=fmt)
+        ours = model.load(convert.convert(str(source), str(tmp_path / f"mlx-{fmt}")))[0]
+        ids = mx.array([random_ids(20, ours.vocab_size)])
+        assert mx.array_equal(ours(ids), expected(ids)), fmt
+        assert ours.args.tie_word_embeddings
+
+
+def test_unsupported_rope_scaling_is_one_line(tmp_path):
+    config = synthetic.llama_config(rope_scaling=dict(rope_type="yarn", factor=4.0))
+    source = synthetic.save_checkpoint(tmp_path / "hf", config, synthetic.random_weights(config))
+    line = one_error_line(run_script("convert.py", "--model", source, "--mlx-path", tmp_path / "out"))
+    assert "yarn" in line and not (tmp_path / "out").exists()
