@@ -232,11 +232,11 @@ def run(args):
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt or DEFAULT_PROMPT]
     own_draft = not (args.regular_decode or args.prompt_lookup)
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None)
+    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     if args.prompt_lookup:
         draft = drafters.PromptLookupDrafter(args.ngram_max)
     mx.random.seed(args.seed)
-    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
-    check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     stats = [decoder.Stats() for _ in prompts]
     began = time.perf_counter()
     events = token_events(args, target, draft, prompt_ids, stats)

@@ -195,7 +195,8 @@ def test_greedy_speculative_equals_transformers_generate(pairs, hf_greedy, famil
     for k in range(1, 9):
         stats = decoder.Stats()
         for ids, expected in zip(prompt_ids(tokenizer), hf_greedy[family]):
-            tokens = list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=k, stats=stats))
+            tokens = list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=k, stats=stats,
+                                                       schedule="constant"))
             assert tokens == expected, (family, k)
         assert 0.2 < stats.acceptance_rate < 1.0, (family, k, stats.acceptance_rate)
         assert stats.generated == sum(map(len, hf_greedy[family]))
@@ -209,7 +210,7 @@ def test_greedy_batches_equal_transformers_generate(pairs, hf_greedy, family, ba
     for k in (1, 3, 8):
         outputs = [[] for _ in PROMPTS]
         for index, token in decoder.speculative_batch(target, draft, prompt_ids(tokenizer), MAX_TOKENS, k,
-                                                      batch_size=batch_size):
+                                                      batch_size=batch_size, schedule="constant"):
             outputs[index].append(token)
         assert outputs == hf_greedy[family], (family, k)
 
@@ -221,7 +222,8 @@ def test_batches_survive_cache_growth_and_compaction(pairs, hf_greedy, family, m
     monkeypatch.setattr(Cache, "slack", 2)
     target, draft, tokenizer = pairs[family]
     outputs = [[] for _ in PROMPTS]
-    for index, token in decoder.speculative_batch(target, draft, prompt_ids(tokenizer), MAX_TOKENS, 4, batch_size=2):
+    for index, token in decoder.speculative_batch(target, draft, prompt_ids(tokenizer), MAX_TOKENS, 4, batch_size=2,
+                                                  schedule="constant"):
         outputs[index].append(token)
     assert outputs == hf_greedy[family]
 
@@ -232,7 +234,8 @@ def test_empty_prompt_starts_from_bos(pairs, pair_dirs, family):
     hf = AutoModelForCausalLM.from_pretrained(pair_dirs(0.05, family=family)[0].parent / "hf" / "target").eval()
     with torch.no_grad():
         expected = hf.generate(torch.tensor([[0]]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 1:].tolist()
-    assert list(decoder.speculative_generate(target, draft, [], 12, num_draft=3)) == expected
+    assert list(decoder.speculative_generate(target, draft, [], 12, num_draft=3, schedule="constant")) == expected
+    assert list(decoder.speculative_generate(target, draft, [], 12, num_draft=3)) == expected  # adaptive
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -242,11 +245,12 @@ def test_max_tokens_and_eos(pairs, family):
     plain = list(decoder.generate(target, ids, MAX_TOKENS))
     for max_tokens in (1, 2, 7):
         for k in (1, 4, 8):
-            assert list(decoder.speculative_generate(target, draft, ids, max_tokens, k)) == plain[:max_tokens]
+            tokens = decoder.speculative_generate(target, draft, ids, max_tokens, k, schedule="constant")
+            assert list(tokens) == plain[:max_tokens]
     for position in (0, 3, 9):
         # The target says EOS as its `position`-th generated token (the prompt's last token sits at len - 1).
         ending = EndsAt(target, len(ids) - 1 + position)
-        tokens = list(decoder.speculative_generate(ending, ending, ids, MAX_TOKENS, num_draft=4))
+        tokens = list(decoder.speculative_generate(ending, ending, ids, MAX_TOKENS, num_draft=4, schedule="constant"))
         assert tokens == plain[:position] + [target.eos_token_id]
 
 
@@ -255,7 +259,8 @@ def test_delta_one_accepts_every_draft(pairs, family):
     target, draft, tokenizer = pairs[family]
     stats = decoder.Stats()
     for ids in prompt_ids(tokenizer):
-        list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=4, delta=1.0, stats=stats))
+        list(decoder.speculative_generate(target, draft, ids, MAX_TOKENS, num_draft=4, delta=1.0, stats=stats,
+                                          schedule="constant"))
     assert stats.drafted > 0 and stats.acceptance_rate == 1.0
 
 
@@ -272,7 +277,7 @@ def test_sampled_tokens_follow_the_target(load_pair, pair_dirs, family, batch_si
     copies = 1200
     firsts = {}
     for index, token in decoder.speculative_batch(target, draft, [ids] * copies, 2, num_draft=2, sampling=sampling,
-                                                  batch_size=batch_size):
+                                                  batch_size=batch_size, schedule="constant"):
         firsts.setdefault(index, token)
     samples = np.array([firsts[i] for i in range(copies)])
     assert set(samples.tolist()) <= set(np.flatnonzero(expected).tolist())
@@ -291,7 +296,8 @@ def gpt2_cli(pair_dirs, tmp_path_factory):
     return ["--model", target, "--draft-model", draft], path
 
 
-@pytest.mark.parametrize("flags", [["--json"], ["--json", "--regular-decode"], ["--batch-size", "3", "--num-draft", "7"]])
+@pytest.mark.parametrize("flags", [["--json"], ["--json", "--regular-decode"], ["--json", "--prompt-lookup"],
+                                   ["--batch-size", "3", "--num-draft", "7", "--draft-schedule", "constant"]])
 def test_main_json_tokens_are_transformers_greedy(gpt2_cli, hf_greedy, flags):
     models, prompt_file = gpt2_cli
     result = run_script("main.py", *models, "--prompt-file", prompt_file, "--max-tokens", MAX_TOKENS, *flags)
