@@ -61,7 +61,10 @@ PROMPTS = [
 # g, since drafts after a rejection count as drafted: 0.69 at g 1, 0.48 at g 3.)
 # Every prompt runs the full 128 tokens: none of them meets EOS early.
 EPS = 0.05
-PAIR = dict(draft_layers=2, target_layers=24, d_model=512, d_ff=1024, gated=True, eps=EPS, seed=0)
+PAIR = dict(draft_layers=2, target_layers=24, d_model=512, eps=EPS, seed=0)
+# Per --family: the synthetic pair's other shapes (GPT-2 and Llama keep their own
+# feed-forward widths, 4x and 3x d_model).
+FAMILY_SHAPES = {"t5": dict(d_ff=1024, gated=True), "gpt2": {}, "llama": {}}
 # Decode calls per step-time measurement (the median is kept), and the tokens the
 # cache holds while they run: about the middle of a default 128-token generation.
 STEP_CALLS = 21
@@ -70,8 +73,8 @@ STEP_CONTEXT = 64
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(
-        description="Benchmark speculative decoding on MLX against plain decoding, theory and transformers. "
-                    "g (num-draft) is the number of tokens drafted per step.",
+        description="Benchmark speculative decoding on MLX (T5, GPT-2, Llama) against plain decoding, theory and "
+                    "transformers. g (num-draft) is the number of tokens drafted per step.",
     )
     parser.add_argument("--model", help="target (converted folder or name); default: the synthetic pair")
     parser.add_argument("--draft-model", help="draft (converted folder or name)")
@@ -101,6 +104,7 @@ def parse_args(argv=None):
     parser.add_argument("--preset", nargs="?", const="",
                         help="a pair with real checkpoints' shapes, built offline (t5-3b; --eps applies); "
                              "no value lists them")
+    parser.add_argument("--family", choices=sorted(FAMILY_SHAPES), default="t5", help="synthetic pair: model family")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: the transformers child process
     return parser.parse_args(argv)
 
@@ -144,14 +148,16 @@ def check(args):
         raise UsageError("--compare-hf needs torch and transformers: pip install torch transformers")
 
 
-def synthetic_pair(eps, layers, d_model):
+def synthetic_pair(eps, layers, d_model, family="t5"):
     """Folders of the synthetic pair, converted for MLX and as Hugging Face checkpoints.
 
     Built once per setting into the system's temporary folder; later runs reuse it.
     """
     import convert
 
-    settings = dict(PAIR, eps=eps, target_layers=layers, d_model=d_model)
+    settings = dict(PAIR, eps=eps, target_layers=layers, d_model=d_model, **FAMILY_SHAPES[family])
+    if family != "t5":  # the T5 pair's folder keeps its name
+        settings["family"] = family
     root = synthetic.CACHE / ("pair-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())))
     if not (root / "mlx-draft" / "config.json").is_file():
         print(f"building the synthetic pair in {root} ...", file=sys.stderr)
@@ -356,13 +362,14 @@ def hf_worker(spec_path):
     """
     import torch
     import transformers
-    from transformers import T5ForConditionalGeneration
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     spec = json.loads(Path(spec_path).read_text())
-    target = T5ForConditionalGeneration.from_pretrained(spec["target"], dtype=torch.float32).eval()
-    draft = T5ForConditionalGeneration.from_pretrained(spec["draft"], dtype=torch.float32).eval()
+    seq2seq = transformers.AutoConfig.from_pretrained(spec["target"]).is_encoder_decoder
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    target = auto.from_pretrained(spec["target"], dtype=torch.float32).eval()
+    draft = auto.from_pretrained(spec["draft"], dtype=torch.float32).eval()
     inputs = [torch.tensor([ids]) for ids in spec["prompt_ids"]]
     n = spec["max_tokens"]
 
@@ -376,8 +383,10 @@ def hf_worker(spec_path):
     def run(task, g, tokens):
         # min_new_tokens: every prompt decodes exactly max_tokens, like ours without EOS.
         with torch.inference_mode():
-            return [target.generate(ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
-                                    **options[task](g))[0, 1:].tolist() for ids in inputs]
+            # An encoder-decoder's output starts with the decoder start token, a causal one's with the prompt.
+            return [target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
+                                    min_new_tokens=tokens, pad_token_id=target.generation_config.eos_token_id,
+                                    **options[task](g))[0, 1 if seq2seq else ids.shape[1] :].tolist() for ids in inputs]
 
     for task, g in spec["tasks"]:
         try:
@@ -656,9 +665,9 @@ def load_pair(args, eps):
         target_shape, draft_shape = synthetic.PRESETS[args.preset]
         pair = f"preset {args.preset}: {target_shape}'s shapes holding a {draft_shape}-shaped draft, eps {eps}"
     elif args.model is None:
-        sources = synthetic_pair(eps, args.layers, args.d_model)
-        pair = (f"synthetic pair: {args.layers}-layer target holding a {PAIR['draft_layers']}-layer draft, "
-                f"d_model {args.d_model}, eps {eps}")
+        sources = synthetic_pair(eps, args.layers, args.d_model, args.family)
+        pair = (f"synthetic {args.family} pair: {args.layers}-layer target holding a {PAIR['draft_layers']}-layer "
+                f"draft, d_model {args.d_model}, eps {eps}")
     else:
         sources = {"target": args.model, "draft": args.draft_model,
                    "hf_target": args.hf_model, "hf_draft": args.hf_draft_model}

@@ -1,12 +1,13 @@
-"""Convert a Hugging Face T5 checkpoint (hub id or local folder) into MLX weights.
+"""Convert a Hugging Face checkpoint (T5, GPT-2, Llama or Qwen2; hub id or local folder) into MLX weights.
 
     python convert.py --model t5-small [--mlx-path DIR] [--dtype float32|bfloat16|float16]
                       [-q [--q-bits 4|8] [--q-group-size 32|64|128]]
 
-Tensors are read, renamed, cast and written one at a time, so peak memory stays near
-one output shard. The output is written to a temporary folder and renamed at the end;
-an existing folder is replaced only if convert.py wrote it (its MARKER lists every file
-in it), so a user's own files are never lost.
+config.json's model_type picks the family (model.FAMILIES), whose module in models/ names
+the tensors. Tensors are read, renamed, cast and written one at a time, so peak memory
+stays near one output shard. The output is written to a temporary folder and renamed at
+the end; an existing folder is replaced only if convert.py wrote it (its MARKER lists
+every file in it), so a user's own files are never lost.
 """
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
@@ -14,7 +15,6 @@ import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import struct
@@ -34,44 +34,26 @@ import model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+)
 MAX_SHARD_BYTES = 5 << 30
 # Written last into every output folder: the names of the files convert.py put there.
 # Only a folder holding this file and nothing it does not list is ours to replace.
 MARKER = ".mlx-converted"
 Q_BITS, Q_GROUP_SIZES = (4, 8), (32, 64, 128)
-REQUIRED_CONFIG = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
-# Hugging Face name -> MLX name. Block 0 carries the relative position bias of its stack.
-RENAMES = [
-    (r"(en|de)coder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias", r"\1coder.position_bias"),
-    (r"(en|de)coder\.final_layer_norm", r"\1coder.final_norm"),
-    (r"(en|de)coder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])", r"\1coder.layers.\2.self_attn.\3"),
-    (r"(en|de)coder\.block\.(\d+)\.layer\.0\.layer_norm", r"\1coder.layers.\2.self_attn_norm"),
-    (r"decoder\.block\.(\d+)\.layer\.1\.EncDecAttention\.([qkvo])", r"decoder.layers.\1.cross_attn.\2"),
-    (r"decoder\.block\.(\d+)\.layer\.1\.layer_norm", r"decoder.layers.\1.cross_attn_norm"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)", r"encoder.layers.\1.ffn.\2"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm", r"encoder.layers.\1.ffn_norm"),
-    (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.(wi|wi_0|wi_1|wo)", r"decoder.layers.\1.ffn.\2"),
-    (r"decoder\.block\.(\d+)\.layer\.2\.layer_norm", r"decoder.layers.\1.ffn_norm"),
-    (r"(shared|lm_head)", r"\1"),
-]
-# Copies of `shared`, and a bias some old checkpoints carry that T5 never uses.
-DROPPED = re.compile(r"(en|de)coder\.embed_tokens\.weight|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")
 
 
 class ConvertError(Exception):
     """Input that cannot be converted; main() prints it as one line."""
 
 
-def mlx_name(hf_name):
-    """The MLX parameter name of a Hugging Face T5 tensor, None for dropped duplicates."""
-    if DROPPED.fullmatch(hf_name):
-        return None
-    for pattern, replacement in RENAMES:
-        match = re.fullmatch(pattern + r"\.weight", hf_name)
-        if match:
-            return match.expand(replacement) + ".weight"
-    raise ConvertError(f"unexpected tensor '{hf_name}': not a T5 checkpoint?")
+def mlx_tensor(family, hf_name, array):
+    """(MLX name, array) of a Hugging Face tensor in the family's naming; None for tensors it drops."""
+    try:
+        return family.from_hf(hf_name, array)
+    except KeyError:
+        raise ConvertError(f"unexpected tensor '{hf_name}': not a {family.__name__.split('.')[-1]} checkpoint?") from None
 
 
 def fetch(name):
@@ -97,12 +79,13 @@ def fetch(name):
 
 
 def read_config(folder):
-    """The checkpoint's config.json, checked to describe a T5."""
+    """The checkpoint's config.json, checked to describe a model of a family model.py knows."""
     path = folder / "config.json"
     config = read_json(path)
-    if config.get("model_type") != "t5":
-        raise ConvertError(f"{path} describes model_type '{config.get('model_type')}', not 't5'")
-    for key in REQUIRED_CONFIG:
+    if config.get("model_type") not in model.FAMILIES:
+        raise ConvertError(f"{path} describes model_type '{config.get('model_type')}', "
+                           f"not one of {', '.join(model.FAMILIES)}")
+    for key in model.family(config).REQUIRED_CONFIG:
         if not isinstance(config.get(key), int) or config[key] < 1:
             raise ConvertError(f"{path}: '{key}' must be a positive integer, not {config.get(key)!r}")
     return config
@@ -222,10 +205,10 @@ def expected_shapes(config, source="config.json"):
     Read off the model itself, built lazily (nothing is allocated), so that the two agree.
     """
     try:
-        t5 = model.build(dict(config, tie_word_embeddings=True), source)
+        built = model.build(dict(config, tie_word_embeddings=True), source)
     except model.LoadError as error:
         raise ConvertError(str(error)) from None
-    return {name: tuple(p.shape) for name, p in tree_flatten(t5.parameters())}
+    return {name: tuple(p.shape) for name, p in tree_flatten(built.parameters())}
 
 
 def quantization_settings(bits=4, group_size=64):
@@ -244,12 +227,12 @@ def quantization_plan(config, quantization):
     only along a last dimension divisible by the group size; norms and position biases
     stay float. The loader rebuilds exactly these layers from the stored `.scales`.
     """
-    t5 = model.build(dict(config, tie_word_embeddings=False))  # lazy: nothing is allocated
-    layers = [f"{path}.weight" for path, m in t5.named_modules() if hasattr(m, "to_quantized")]
+    built = model.build(dict(config, tie_word_embeddings=False))  # lazy: nothing is allocated
+    layers = [f"{path}.weight" for path, m in built.named_modules() if hasattr(m, "to_quantized")]
     group = quantization["group_size"]
-    plan = model.quantizable(t5, group)
+    plan = model.quantizable(built, group)
     narrow = sorted(set(layers) - plan)
-    others = len(tree_flatten(t5.parameters())) - len(layers)
+    others = len(tree_flatten(built.parameters())) - len(layers)
     note = (f"quantizing linear and embedding weights to {quantization['bits']} bits in groups of {group}; "
             f"{others} norm and position-bias tensors stay float (MLX quantizes only linear and embedding layers)")
     if narrow:
@@ -307,29 +290,31 @@ class ShardWriter:
 
 
 def convert_weights(files, config, out, dtype, max_shard_bytes, quantization=None):
-    """Write the renamed, cast (and quantized) tensors to `out`; return whether lm_head is tied to shared."""
+    """Write the renamed, cast (and quantized) tensors to `out`; return whether lm_head is tied to the embedding."""
+    family = model.family(config)
     expected = expected_shapes(config, files[0].parent / "config.json")
     plan = quantization_plan(config, quantization) if quantization else set()
     writer = ShardWriter(out, max_shard_bytes)
-    seen, shared, head = set(), None, None
+    seen, embedding, head = set(), None, None
     # disable=None: a bar on a terminal, nothing in logs and pipes (one-line errors stay one line).
     tensors = tqdm(read_tensors(files), total=tensor_count(files), desc="tensors", unit="tensor", file=sys.stderr,
                    disable=None)
     for hf_name, array in tensors:
-        name = mlx_name(hf_name)
-        if name is None or name in seen:
+        converted = mlx_tensor(family, hf_name, array)
+        if converted is None or converted[0] in seen:
             continue
+        name, array = converted
         seen.add(name)
         if name == "lm_head.weight":
-            head = array  # kept until `shared` is known: a copy of it means a tied head
+            head = array  # kept until the embedding is known: a copy of it means a tied head
             continue
         if name not in expected:
             raise ConvertError(f"tensor '{hf_name}' is not part of the model config.json describes")
         if expected[name] != tuple(array.shape):
             shape = tuple(array.shape)
             raise ConvertError(f"tensor '{hf_name}' has shape {shape}, config.json implies {expected[name]}")
-        if name == "shared.weight":
-            shared = array
+        if name == family.EMBEDDING:
+            embedding = array
         for stored_name, stored in stored_tensors(name, array.astype(dtype), plan, quantization).items():
             mx.eval(stored)
             writer.add(stored_name, stored)
@@ -337,21 +322,14 @@ def convert_weights(files, config, out, dtype, max_shard_bytes, quantization=Non
     if missing:
         raise ConvertError(f"the checkpoint lacks {len(missing)} tensor(s) that config.json implies, "
                            f"e.g. '{missing[0]}' (MLX name)")
-    tied = head is None or bool(mx.array_equal(head, shared))
+    tied = head is None or bool(mx.array_equal(head, embedding))
     if not tied:
-        if tuple(head.shape) != expected["shared.weight"]:
-            raise ConvertError(f"lm_head has shape {tuple(head.shape)}, expected {expected['shared.weight']}")
+        if tuple(head.shape) != expected[family.EMBEDDING]:
+            raise ConvertError(f"lm_head has shape {tuple(head.shape)}, expected {expected[family.EMBEDDING]}")
         for stored_name, stored in stored_tensors("lm_head.weight", head.astype(dtype), plan, quantization).items():
             writer.add(stored_name, stored)
     writer.finish()
     return tied
-
-
-def output_config(config, tied):
-    """The source config plus the two facts the MLX loader reads explicitly."""
-    # transformers 5 writes scale_decoder_outputs; older files say tie_word_embeddings: false.
-    scale = config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True))
-    return dict(config, tie_word_embeddings=tied, scale_decoder_outputs=bool(scale))
 
 
 def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BYTES, quantization=None):
@@ -374,7 +352,7 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
         with interrupts_held():  # a Ctrl-C here could leave a staging folder nobody removes
             staging = make_staging(destination)
         tied = convert_weights(files, config, staging, DTYPES[dtype], max_shard_bytes, quantization)
-        written = output_config(config, tied)
+        written = model.family(config).output_config(config, tied)
         if quantization:
             written["quantization"] = quantization
         (staging / "config.json").write_text(json.dumps(written, indent=2))
@@ -491,9 +469,9 @@ def os_error_message(error, destination):
 
 
 def main():
-    parser = cli.ArgumentParser(description="Convert a Hugging Face T5 checkpoint to MLX.")
+    parser = cli.ArgumentParser(description="Convert a Hugging Face T5, GPT-2 or Llama-family checkpoint to MLX.")
     parser.add_argument("--model", required=True, metavar="NAME_OR_DIR",
-                        help="hub id (t5-small, google/flan-t5-large) or local folder")
+                        help="hub id (t5-small, gpt2-xl, deepseek-ai/deepseek-coder-1.3b-base) or local folder")
     parser.add_argument("--mlx-path", metavar="DIR", help="output folder (default: mlx_models/<last part of --model>); "
                         "an existing one is replaced only if convert.py wrote it")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype")

@@ -1,6 +1,7 @@
 """Generate with speculative decoding from the command line.
 
     python main.py --num-draft 5 --delta 0.1 --prompt "translate English to German: ..."
+    python main.py --model gpt2-xl --draft-model gpt2 --prompt "The meaning of life is"
 """
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
@@ -55,7 +56,10 @@ def parse_args(argv=None):
 
 def build_parser():
     """main.py's flags, each with its help and default."""
-    parser = cli.ArgumentParser(description="Speculative decoding with a T5 draft and a T5 target on MLX.")
+    parser = cli.ArgumentParser(
+        description="Speculative decoding on MLX: a small draft model proposes tokens, a large target checks them. "
+                    "Models of one family and one tokenizer: T5 (encoder-decoder), or causal GPT-2 and "
+                    "Llama-family models (TinyLlama, Llama 3.x, Qwen2.5, DeepSeek-Coder).")
     parser.add_argument("--model", default="t5-11b", metavar="NAME_OR_DIR",
                         help="target: converted folder or name under mlx_models/")
     parser.add_argument("--draft-model", default="t5-small", metavar="NAME_OR_DIR",
@@ -136,14 +140,27 @@ def load_models(target_path, draft_path=None):
     require_models(target_path, draft_path)
     try:
         target, tokenizer = model.load(target_path)
-        draft = None if draft_path is None else model.load(draft_path)[0]
+        draft, draft_tokenizer = (None, None) if draft_path is None else model.load(draft_path)
     except model.LoadError as error:
         raise UsageError(str(error)) from None
     if draft is not None and draft.vocab_size != target.vocab_size:
         raise UsageError(
             f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)"
         )
+    # Same size is not enough: a token id must mean the same text to both.
+    if draft is not None and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
     return target, draft, tokenizer
+
+
+def check_lengths(prompt_ids, max_tokens, models):
+    """A UsageError when a prompt plus max_tokens runs past a model's table of positions (GPT-2's)."""
+    # An empty prompt starts from one BOS token.
+    longest = max(max(len(ids), 1) for ids in prompt_ids) + max_tokens - 1
+    for m in models:
+        if m.max_positions is not None and longest > m.max_positions:
+            raise UsageError(f"the longest prompt plus --max-tokens needs {longest} positions; "
+                             f"the model has {m.max_positions}")
 
 
 def step_events(args, target, draft, prompt_ids, stats):
@@ -219,10 +236,11 @@ def run(args):
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt or DEFAULT_PROMPT]
     own_draft = not (args.regular_decode or args.prompt_lookup)
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None)
+    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     if args.prompt_lookup:
         draft = drafters.PromptLookupDrafter(args.ngram_max)
     mx.random.seed(args.seed)
-    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     stats = [decoder.Stats() for _ in prompts]
     began = time.perf_counter()
     steps = step_events(args, target, draft, prompt_ids, stats)

@@ -15,10 +15,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 import cli
-from models import t5
+from models import gpt2, llama, t5
 
 MODELS_DIR = Path("mlx_models")
-FAMILIES = {"t5": t5}
+# Qwen2 is Llama with q/k/v biases (models/llama.py reads model_type for that).
+FAMILIES = {"t5": t5, "gpt2": gpt2, "llama": llama, "qwen2": llama}
 
 
 class LoadError(Exception):

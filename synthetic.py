@@ -1,4 +1,4 @@
-"""Offline T5 checkpoints: a tokenizer trained on local text and random weights.
+"""Offline checkpoints (T5, GPT-2, Llama): tokenizers trained on local text and random weights.
 
 Used by the tests and by benchmark.py, so that everything runs with no model hub. The
 checkpoints are written in Hugging Face's format (config.json, safetensors or
@@ -9,6 +9,7 @@ import importlib
 import inspect
 import io
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ CORPUS_MODULES = (
     "statistics", "string", "textwrap", "typing", "unittest", "urllib.parse", "zipfile",
 )
 EXTRA_IDS = 100
+BPE_SPECIAL = "<|endoftext|>"  # id 0 of the byte-level BPE: BOS and EOS, as in GPT-2
 CACHE = Path(tempfile.gettempdir()) / "t5-speculative-synthetic"
 
 
@@ -37,32 +39,34 @@ def corpus_sentences():
     return lines
 
 
-def train_tokenizer(folder, vocab_size=1000):
-    """Write a T5 tokenizer (sentencepiece unigram: pad 0, eos 1, unk 2) into `folder`.
+def train_tokenizer(folder, vocab_size=1000, kind="t5"):
+    """Write a tokenizer into `folder`; return its length.
 
-    Returns the tokenizer's length: vocab_size pieces plus 100 <extra_id_*> tokens.
+    kind "t5": sentencepiece unigram (pad 0, eos 1, unk 2), vocab_size pieces plus 100
+    <extra_id_*> tokens. kind "bpe": byte-level BPE as GPT-2 and Llama 3 use, with
+    <|endoftext|> (id 0) as BOS and EOS.
     """
-    cached = cached_tokenizer(vocab_size)
+    cached = cached_tokenizer(vocab_size, kind)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for file in cached.iterdir():
         shutil.copyfile(file, folder / file.name)
-    return tokenizer_size(vocab_size)
+    return tokenizer_size(vocab_size, kind)
 
 
-def cached_tokenizer(vocab_size=1000):
-    """The folder of the tokenizer trained once per vocab_size under CACHE."""
-    cached = CACHE / f"tokenizer-{vocab_size}"
-    if (cached / "spiece.model").is_file():
+def cached_tokenizer(vocab_size=1000, kind="t5"):
+    """The folder of the tokenizer trained once per kind and vocab_size under CACHE."""
+    cached = CACHE / (f"tokenizer-{vocab_size}" if kind == "t5" else f"{kind}-tokenizer-{vocab_size}")
+    if (cached / "tokenizer.json").is_file():
         return cached
     CACHE.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=CACHE))  # renamed whole, so a reader never sees half of it
     staging.chmod(0o755)
     try:
-        write_tokenizer(staging, vocab_size)
+        (write_tokenizer if kind == "t5" else write_bpe_tokenizer)(staging, vocab_size)
         staging.rename(cached)
     except OSError:
-        if not (cached / "spiece.model").is_file():  # else another process cached it first
+        if not (cached / "tokenizer.json").is_file():  # else another process cached it first
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -92,9 +96,25 @@ def write_tokenizer(folder, vocab_size):
     (folder / "spiece.model").write_bytes(proto.getvalue())
 
 
-def tokenizer_size(vocab_size=1000):
+def write_bpe_tokenizer(folder, vocab_size):
+    """Train a byte-level BPE on CORPUS_MODULES' docstrings; save it as a fast tokenizer.
+
+    Written as tokenizer.json and tokenizer_config.json, and as GPT-2's vocab.json and
+    merges.txt too, the files a GPT-2 checkpoint on the hub carries.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus_sentences(), vocab_size=vocab_size, special_tokens=[BPE_SPECIAL], show_progress=False)
+    bpe.save_model(str(folder))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BPE_SPECIAL, eos_token=BPE_SPECIAL)
+    tokenizer.save_pretrained(str(folder))
+
+
+def tokenizer_size(vocab_size=1000, kind="t5"):
     """How many tokens the cached tokenizer has (its tokenizer.json lists them all)."""
-    tokenizer = json.loads((cached_tokenizer(vocab_size) / "tokenizer.json").read_text())
+    tokenizer = json.loads((cached_tokenizer(vocab_size, kind) / "tokenizer.json").read_text())
     return len(tokenizer["model"]["vocab"])
 
 
@@ -142,8 +162,9 @@ def layer_shapes(config, stack, index):
     return shapes
 
 
-def tensor_shapes(config):
-    """{Hugging Face name: (shape, init std factor or None for norms)} of a T5 config's tensors."""
+def t5_shapes(config):
+    """Hugging Face names, shapes and init std (None: a norm) of a T5, as transformers initialises it."""
+    factor = config.get("initializer_factor", 1.0)
     d = config["d_model"]
     decoder_layers = config.get("num_decoder_layers") or config["num_layers"]
     shapes = {"shared.weight": ((config["vocab_size"], d), 1.0)}
@@ -153,21 +174,105 @@ def tensor_shapes(config):
         shapes[f"{stack}.final_layer_norm.weight"] = ((d,), None)
     if not config.get("tie_word_embeddings", True):
         shapes["lm_head.weight"] = ((config["vocab_size"], d), 1.0)
+    return {name: (shape, None if std is None else factor * std) for name, (shape, std) in shapes.items()}
+
+
+def gpt2_config(vocab_size=None, **overrides):
+    """A Hugging Face GPT-2 config (tied head), tiny unless overridden, for the BPE tokenizer."""
+    config = dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=vocab_size or tokenizer_size(kind="bpe"),
+        n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=None, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+    )
+    config.update(overrides)
+    return config
+
+
+def gpt2_shapes(config):
+    """Hugging Face names, shapes and init std of a GPT-2 (Conv1D weights stored (in, out))."""
+    d, std = config["n_embd"], config.get("initializer_range", 0.02)
+    inner = config.get("n_inner") or 4 * d
+    shapes = {"transformer.wte.weight": ((config["vocab_size"], d), std),
+              "transformer.wpe.weight": ((config["n_positions"], d), std)}
+    for i in range(config["n_layer"]):
+        for name, (rows, cols) in {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d),
+                                   "mlp.c_fc": (d, inner), "mlp.c_proj": (inner, d)}.items():
+            shapes[f"transformer.h.{i}.{name}.weight"] = ((rows, cols), std)
+            shapes[f"transformer.h.{i}.{name}.bias"] = ((cols,), std)
+        for norm in ("ln_1", "ln_2"):
+            shapes.update(layer_norm_shapes(f"transformer.h.{i}.{norm}", d))
+    shapes.update(layer_norm_shapes("transformer.ln_f", d))
     return shapes
 
 
-def random_tensor(shape, std, factor, rng):
-    """Drawn as transformers initialises T5; norms (std None) near 1 rather than 1, so a test notices a dropped norm."""
+def layer_norm_shapes(prefix, width):
+    return {f"{prefix}.weight": ((width,), None), f"{prefix}.bias": ((width,), 0.1)}
+
+
+def llama_config(vocab_size=None, **overrides):
+    """A Hugging Face Llama config (grouped-query attention, untied head), tiny unless overridden."""
+    config = dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab_size or tokenizer_size(kind="bpe"),
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
+        attention_bias=False, mlp_bias=False, initializer_range=0.2, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0,
+    )
+    config.update(overrides)
+    return config
+
+
+def llama_shapes(config):
+    """Hugging Face names, shapes and init std of a Llama (or Qwen2: q/k/v biases)."""
+    d, std = config["hidden_size"], config.get("initializer_range", 0.02)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or d // heads
+    kv = (config.get("num_key_value_heads") or heads) * head_dim
+    ff = config["intermediate_size"]
+    qkv_bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
+    o_bias = config["model_type"] != "qwen2" and config.get("attention_bias", False)
+    shapes = {"model.embed_tokens.weight": ((config["vocab_size"], d), std), "model.norm.weight": ((d,), None)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}"
+        outputs = {"q_proj": heads * head_dim, "k_proj": kv, "v_proj": kv}
+        for name, width in outputs.items():
+            shapes[f"{prefix}.self_attn.{name}.weight"] = ((width, d), std)
+            if qkv_bias:
+                shapes[f"{prefix}.self_attn.{name}.bias"] = ((width,), std)
+        shapes[f"{prefix}.self_attn.o_proj.weight"] = ((d, heads * head_dim), std)
+        if o_bias:
+            shapes[f"{prefix}.self_attn.o_proj.bias"] = ((d,), std)
+        for name, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
+            shapes[f"{prefix}.mlp.{name}.weight"] = (shape, std)
+            if config.get("mlp_bias", False):
+                shapes[f"{prefix}.mlp.{name}.bias"] = (shape[:1], std)
+        shapes[f"{prefix}.input_layernorm.weight"] = ((d,), None)
+        shapes[f"{prefix}.post_attention_layernorm.weight"] = ((d,), None)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = ((config["vocab_size"], d), std)
+    return shapes
+
+
+SHAPES = {"t5": t5_shapes, "gpt2": gpt2_shapes, "llama": llama_shapes, "qwen2": llama_shapes}
+
+
+def tensor_shapes(config):
+    """{Hugging Face name: (shape, init std or None for norms)} of a config's tensors, for its family."""
+    return SHAPES[config["model_type"]](config)
+
+
+def random_tensor(shape, std, rng):
+    """Drawn as transformers initialises it; norms (std None) near 1 rather than 1, so a test notices a dropped norm."""
     if std is None:
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    return (factor * std * rng.standard_normal(shape)).astype(np.float32)
+    return (std * rng.standard_normal(shape)).astype(np.float32)
 
 
 def random_weights(config, seed=0):
-    """Float32 weights in Hugging Face's names, drawn as transformers initialises T5."""
+    """Float32 weights in Hugging Face's names, drawn with the std the family's init uses."""
     rng = np.random.default_rng(seed)
-    factor = config.get("initializer_factor", 1.0)
-    return {name: random_tensor(shape, std, factor, rng) for name, (shape, std) in tensor_shapes(config).items()}
+    return {name: random_tensor(shape, std, rng) for name, (shape, std) in tensor_shapes(config).items()}
 
 
 def save_checkpoint(folder, config, weights, shards=1, fmt="safetensors"):
@@ -181,7 +286,7 @@ def save_groups(folder, config, groups, count, fmt="safetensors"):
     """Write a checkpoint whose weights come as `count` dicts, one file each, held one at a time."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(folder)
+    train_tokenizer(folder, kind="t5" if config["model_type"] == "t5" else "bpe")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
     files = [f"{stem}.{suffix}"] if count == 1 else [f"{stem}-{i + 1:05d}-of-{count:05d}.{suffix}" for i in range(count)]
@@ -208,28 +313,43 @@ def write_weights(path, weights, fmt):
         torch.save({name: torch.from_numpy(array) for name, array in weights.items()}, str(path))
 
 
-def speculative_pair(folder, draft_layers=2, target_layers=24, d_model=512, eps=0.05, seed=0, **overrides):
+# Per family: the config builder, its layer-count keys, and the shape settings of a pair
+# whose width is d_model.
+PAIR_FAMILIES = {
+    "t5": (t5_config, ("num_layers", "num_decoder_layers"),
+           lambda d: dict(d_model=d, d_kv=d // 8, num_heads=8, d_ff=4 * d)),
+    "gpt2": (gpt2_config, ("n_layer",), lambda d: dict(n_embd=d, n_head=8)),
+    "llama": (llama_config, ("num_hidden_layers",),
+              lambda d: dict(hidden_size=d, num_attention_heads=8, num_key_value_heads=4, intermediate_size=3 * d)),
+}
+# A layer's index in a Hugging Face name, and the projections that write into the residual stream.
+LAYER_INDEX = re.compile(r"\.(?:block|h|layers)\.(\d+)\.")
+OUTPUT_PROJECTION = re.compile(r".*\.(o|wo|c_proj|o_proj|down_proj)\.(weight|bias)")
+
+
+def speculative_pair(folder, draft_layers=2, target_layers=24, d_model=512, eps=0.05, seed=0, family="t5",
+                     **overrides):
     """Save a draft and a target whose agreement eps controls; return their folders.
 
-    The target copies the draft's embeddings, position biases, norms and layers, and
-    adds target_layers - draft_layers random layers after them, in the encoder and the
-    decoder, whose attention-output and feed-forward-output weights are scaled by eps.
-    At eps 0 the target computes the draft's function exactly. Both hold the same tokenizer.
+    The target copies the draft's embeddings, positions, norms and layers, and adds
+    target_layers - draft_layers random layers after them (in T5's encoder and decoder
+    both), whose outputs into the residual stream (attention and feed-forward output
+    projections, with their biases) are scaled by eps. At eps 0 the target computes the
+    draft's function exactly. Both hold the same tokenizer.
     """
     folder = Path(folder)
+    make_config, layer_keys, widths = PAIR_FAMILIES[family]
     # Exactly the tokenizer's length (no rounding): every id either model emits decodes.
-    vocab = tokenizer_size()
-    settings = dict(d_model=d_model, d_kv=d_model // 8, num_heads=8, d_ff=4 * d_model)
-    settings.update(overrides)
-    draft_config = t5_config(vocab, num_layers=draft_layers, num_decoder_layers=draft_layers, **settings)
-    target_config = dict(draft_config, num_layers=target_layers, num_decoder_layers=target_layers)
+    vocab = tokenizer_size(kind="t5" if family == "t5" else "bpe")
+    settings = dict(widths(d_model), **overrides)
+    draft_config = make_config(vocab, **settings, **dict.fromkeys(layer_keys, draft_layers))
+    target_config = dict(draft_config, **dict.fromkeys(layer_keys, target_layers))
     draft = random_weights(draft_config, seed)
     target = random_weights(target_config, seed + 1)
-    target.update(draft)  # the shared layers, embeddings, biases and final norms
+    target.update(draft)  # the shared layers, embeddings, positions and final norms
     for name in target:
-        layer = name.split(".")[2] if ".block." in name else None
-        output = name.endswith((".o.weight", ".wo.weight"))
-        if layer is not None and int(layer) >= draft_layers and output:
+        layer = LAYER_INDEX.search(name)
+        if layer is not None and int(layer.group(1)) >= draft_layers and OUTPUT_PROJECTION.fullmatch(name):
             target[name] = target[name] * np.float32(eps)
     return save_checkpoint(folder / "draft", draft_config, draft), save_checkpoint(folder / "target", target_config, target)
 
@@ -298,7 +418,7 @@ def widened_tensor(name, shape, std, draft, draft_config, target_config, eps, rn
     through eps: attention and feed-forward output projections, the embedding's and the
     head's extra columns, and the query dims the draft's heads lack (their scores stay the draft's).
     """
-    array = random_tensor(shape, std, target_config.get("initializer_factor", 1.0), rng)
+    array = random_tensor(shape, std, rng)
     kind = name.split(".")[-2]
     if kind in ("o", "wo", "shared", "lm_head"):
         array *= np.float32(eps)

@@ -74,12 +74,15 @@ class Cache:
         self.lengths = self.lengths + count - padding
         return mx.array(queries, dtype=mx.int32), self.positions[:, : self.offset]
 
+    def _allocate(self, index, keys, values):
+        """Buffers for layer `index`, allocated on first use, when its heads, width and dtype are known."""
+        shape = (self.batch, keys.shape[1], self.positions.shape[1], keys.shape[3])
+        self.keys[index], self.values[index] = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+
     def store(self, index, keys, values):
         """Write one layer's new keys/values (batch, heads, n, dim) at the claimed slots; return all in use."""
         if self.keys[index] is None:
-            # Allocated on first use, when the layer's heads, width and dtype are known.
-            shape = (self.batch, keys.shape[1], self.positions.shape[1], keys.shape[3])
-            self.keys[index], self.values[index] = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+            self._allocate(index, keys, values)
         self.keys[index][..., self.write_at : self.offset, :] = keys
         self.values[index][..., self.write_at : self.offset, :] = values
         return self.keys[index][..., : self.offset, :], self.values[index][..., : self.offset, :]
@@ -114,11 +117,28 @@ class Cache:
         self.offset = width
 
     def replace_rows(self, rows, fresh):
-        """Put the prompts of `fresh` (a new cache, one row each) in place of `rows`."""
-        if fresh.offset:
-            raise NotImplementedError("replacing rows with a cache that already holds tokens")
-        self.positions[mx.array(rows)] = HIDDEN_POSITION
-        self.lengths[np.asarray(rows)] = 0
+        """Put the prompts of `fresh` (a new cache, one row each) in place of `rows`.
+
+        The old slots of `rows` are hidden; whatever `fresh` already holds (a prefilled
+        prompt) goes into `fresh.offset` new slots, hidden for every other row.
+        """
+        index, count = mx.array(rows), fresh.offset
+        self.positions[index] = HIDDEN_POSITION
+        self.lengths[np.asarray(rows)] = fresh.lengths
+        if count == 0:
+            return
+        start = self.offset
+        self.reserve(count, np.full(self.batch, count))  # new slots, hidden for every row so far
+        self.positions[index, start : self.offset] = fresh.positions[:, :count]
+        for layer, (keys, values) in enumerate(zip(fresh.keys, fresh.values)):
+            if keys is None:
+                continue
+            if self.keys[layer] is None:
+                self._allocate(layer, keys, values)
+            self.keys[layer][index, :, start : self.offset] = keys[..., :count, :]
+            self.values[layer][index, :, start : self.offset] = values[..., :count, :]
+        if self.offset > 2 * self.lengths.max() + self.slack:
+            self.compact()
 
     def keep_rows(self, rows):
         """Drop every row not in `rows`."""

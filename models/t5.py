@@ -5,28 +5,21 @@ cross-attention keys/values once; `decode` then runs the decoder over new tokens
 """
 
 import math
-from dataclasses import dataclass, fields
-from functools import partial
+import re
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .base import BaseModelArgs, gelu_tanh
 from .cache import Cache
-
-@partial(mx.compile, shapeless=True)
-def gelu_tanh(x):
-    """GELU's tanh approximation (Hugging Face's gelu_new)."""
-    # x * x * x, not x**3: MLX's CPU kernels compute a power through the scalar powf,
-    # which made this activation a third slower.
-    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
-
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": gelu_tanh, "silu": nn.silu}
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     vocab_size: int
     d_model: int
     d_kv: int
@@ -42,11 +35,6 @@ class ModelArgs:
     scale_decoder_outputs: bool = True
     decoder_start_token_id: int = 0
     eos_token_id: int = 1
-
-    @classmethod
-    def from_config(cls, config):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names and v is not None})
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -277,6 +265,8 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
 
+    max_positions = None  # relative positions: no table to run off
+
     @property
     def vocab_size(self):
         return self.args.vocab_size
@@ -322,3 +312,43 @@ class Model(nn.Module):
     def __call__(self, input_ids, decoder_input_ids, mask=None):
         """Full forward over all decoder positions at once, from an empty cache."""
         return self.decode(decoder_input_ids, self.make_cache(self.encode(input_ids, mask), mask))
+
+
+# ----- Hugging Face checkpoints -----------------------------------------------------------
+
+REQUIRED_CONFIG = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers")
+EMBEDDING = "shared.weight"
+# Hugging Face name -> MLX name. Block 0 carries the relative position bias of its stack.
+RENAMES = [
+    (r"(en|de)coder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias", r"\1coder.position_bias"),
+    (r"(en|de)coder\.final_layer_norm", r"\1coder.final_norm"),
+    (r"(en|de)coder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])", r"\1coder.layers.\2.self_attn.\3"),
+    (r"(en|de)coder\.block\.(\d+)\.layer\.0\.layer_norm", r"\1coder.layers.\2.self_attn_norm"),
+    (r"decoder\.block\.(\d+)\.layer\.1\.EncDecAttention\.([qkvo])", r"decoder.layers.\1.cross_attn.\2"),
+    (r"decoder\.block\.(\d+)\.layer\.1\.layer_norm", r"decoder.layers.\1.cross_attn_norm"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)", r"encoder.layers.\1.ffn.\2"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm", r"encoder.layers.\1.ffn_norm"),
+    (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.(wi|wi_0|wi_1|wo)", r"decoder.layers.\1.ffn.\2"),
+    (r"decoder\.block\.(\d+)\.layer\.2\.layer_norm", r"decoder.layers.\1.ffn_norm"),
+    (r"(shared|lm_head)", r"\1"),
+]
+# Copies of `shared`, and a bias some old checkpoints carry that T5 never uses.
+DROPPED = re.compile(r"(en|de)coder\.embed_tokens\.weight|decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")
+
+
+def from_hf(hf_name, array):
+    """(MLX name, array) of a Hugging Face T5 tensor; None for dropped duplicates; KeyError if unknown."""
+    if DROPPED.fullmatch(hf_name):
+        return None
+    for pattern, replacement in RENAMES:
+        match = re.fullmatch(pattern + r"\.weight", hf_name)
+        if match:
+            return match.expand(replacement) + ".weight", array
+    raise KeyError(hf_name)
+
+
+def output_config(config, tied):
+    """The source config plus the two facts the MLX loader reads explicitly."""
+    # transformers 5 writes scale_decoder_outputs; older files say tie_word_embeddings: false.
+    scale = config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True))
+    return dict(config, tie_word_embeddings=tied, scale_decoder_outputs=bool(scale))

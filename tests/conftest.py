@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline T5 checkpoints (random weights, local tokenizer).
+"""Shared fixtures: tiny offline checkpoints (random weights, local tokenizers).
 
 v1, v11, inner_dim: (config, weights) of tiny T5s; v1_checkpoint, v11_checkpoint,
 inner_dim_checkpoint: the same saved as Hugging Face folders; tokenizer_dir; pair_dirs
@@ -98,14 +98,16 @@ OFTEN, RARELY = 0.05, 0.5
 
 @pytest.fixture(scope="session")
 def pair_dirs(tmp_path_factory):
-    """make(eps) -> (target folder, draft folder), converted MLX checkpoints, built once each."""
+    """make(eps, family="t5", ...) -> (target folder, draft folder), converted MLX checkpoints, built once each."""
     made = {}
 
     def make(eps, **overrides):
         key = (eps, tuple(sorted(overrides.items())))
         if key not in made:
             root = tmp_path_factory.mktemp("pair")
-            settings = dict(draft_layers=1, target_layers=3, d_model=64, gated=True)
+            settings = dict(draft_layers=1, target_layers=3, d_model=64)
+            if overrides.get("family", "t5") == "t5":
+                settings["gated"] = True
             settings.update(overrides)
             draft, target = synthetic.speculative_pair(root / "hf", eps=eps, **settings)
             made[key] = tuple(convert.convert(str(p), str(root / p.name)) for p in (target, draft))

@@ -97,6 +97,19 @@ def test_compare_hf(tmp_path):
     assert "ours / transformers" in result.stdout
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_family_pair_against_transformers(tmp_path, family):
+    """--family: a causal synthetic pair; speculative output and transformers' greedy are our plain output."""
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    result = run_benchmark(*TINY, "--family", family, "--num-draft", "2", "--compare-hf", "--json", out)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert f"synthetic {family} pair" in result.stdout and results["outputs_identical"] is True
+    assert results["hf"]["greedy"]["outputs"] == results["plain_outputs"]
+    assert results["hf"]["assisted"]["outputs"] == results["plain_outputs"]
+
+
 def test_plot_without_matplotlib_is_one_error_line(tmp_path):
     code = (
         "import runpy, sys; sys.modules['matplotlib'] = None; "

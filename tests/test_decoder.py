@@ -26,18 +26,9 @@ class Shifted:
 
     def __init__(self, inner):
         self.inner = inner
-        self.vocab_size = inner.vocab_size
-        self.decoder_start_token_id = inner.decoder_start_token_id
-        self.eos_token_id = inner.eos_token_id
 
-    def encode(self, ids, mask=None):
-        return self.inner.encode(ids, mask)
-
-    def make_cache(self, memory, mask=None):
-        return self.inner.make_cache(memory, mask)
-
-    def start(self, prompts):
-        return self.inner.start(prompts)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)  # start, vocab_size, eos_token_id, ... of any family
 
     def decode(self, tokens, cache, padding=None):
         return mx.roll(self.inner.decode(tokens, cache, padding), 1, axis=-1)
