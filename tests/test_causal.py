@@ -5,6 +5,7 @@ transformers as they are, and converted for MLX by convert.py.
 """
 
 import json
+import types
 
 import mlx.core as mx
 import numpy as np
@@ -354,7 +355,8 @@ def test_hub_path_offline(hub_id, family, tmp_path, monkeypatch):
         asked.update(repo_id=repo_id, patterns=allow_patterns)
         return str(local)
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: [p.name for p in local.iterdir()])
+    info = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=p.name) for p in local.iterdir()])
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id: info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.chdir(tmp_path)
     out = convert.convert(hub_id)
