@@ -32,7 +32,7 @@ def test_small_run_reports_consistent_rows(tmp_path):
                            "--prompt-lookup", "--json", out, *plot)
     assert result.returncode == 0, result.stderr
     assert "| setting |" in result.stdout and "Output check: OK" in result.stdout
-    assert "1 repeat (medians)" in result.stdout and "**" not in result.stdout and "target-pass speedup =" in result.stdout
+    assert "1 repeat (medians)" in result.stdout and "| **" not in result.stdout and "target-pass speedup =" in result.stdout
     results = json.loads(out.read_text())
     assert not list(tmp_path.glob("*.tmp"))
     rows, c = results["speculative"], results["cost_ratio"]
