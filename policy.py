@@ -69,9 +69,13 @@ class AdaptivePolicy:
     Every k is first tried once past its warm-up, so each is judged on a measured cost.
     """
 
-    prior_weight = 2.0  # a new row starts from the pooled acceptance, worth this many drafts
-    memory = 0.9  # per step: estimates follow the last ~10 steps, so a row's drift shows
+    prior_weight = 4.0  # a new row starts from the pooled acceptance, worth this many drafts
+    # Per judged draft: a row's estimate follows its last ~30 drafts, so a drift shows, yet
+    # a few rejections in a row do not drop it to k 1, where each step judges one draft
+    # and the estimate would take many steps to recover.
+    memory = 0.97
     probe_after = 16  # plain steps in a row before one draft token is tried again
+    refresh_every = 16  # steps between timings of a neighbour of the best k, whose cost would go stale
 
     def __init__(self, num_draft, costs=None):
         self.num_draft = num_draft
@@ -79,6 +83,7 @@ class AdaptivePolicy:
         self.rows = {}  # row index -> [accepted, judged], decayed
         self.pooled = [0.0, 0.0]
         self.plain_streak = 0
+        self.steps = 0
 
     def acceptance(self, row):
         """The row's per-token acceptance estimate, pulled towards the pooled one."""
@@ -101,6 +106,13 @@ class AdaptivePolicy:
             # Acceptance is only seen while drafting: look again now and then.
             self.plain_streak = 0
             return 1
+        self.steps += 1
+        if self.steps % self.refresh_every == 0:
+            # A k never chosen keeps the cost it was first timed at, noise and all: time the
+            # neighbours of the best again, one above and one below by turns.
+            neighbour = best + (1 if self.steps // self.refresh_every % 2 else -1)
+            if neighbour in candidates:
+                return neighbour
         return best
 
     def observe(self, rows, k, drafted, accepted, seconds):
@@ -109,7 +121,8 @@ class AdaptivePolicy:
         for row, proposed, count in zip(rows, drafted, accepted):
             judged = min(proposed, count + 1)  # drafts are judged until the first rejection
             past = self.rows.get(row, (0.0, 0.0))
-            self.rows[row] = (self.memory * past[0] + count, self.memory * past[1] + judged)
+            fade = self.memory**judged
+            self.rows[row] = (fade * past[0] + count, fade * past[1] + judged)
             self.pooled[0] += count
             self.pooled[1] += judged
 
