@@ -74,7 +74,7 @@ class AdaptivePolicy:
     # a few rejections in a row do not drop it to k 1, where each step judges one draft
     # and the estimate would take many steps to recover.
     memory = 0.97
-    probe_after = 16  # plain steps in a row before one draft token is tried again
+    probe_after = 32  # plain steps in a row before one draft token is tried again
     refresh_every = 16  # steps between timings of a neighbour of the best k, whose cost would go stale
 
     def __init__(self, num_draft, costs=None):
@@ -107,9 +107,10 @@ class AdaptivePolicy:
             self.plain_streak = 0
             return 1
         self.steps += 1
-        if self.steps % self.refresh_every == 0:
+        if best > 0 and self.steps % self.refresh_every == 0:
             # A k never chosen keeps the cost it was first timed at, noise and all: time the
-            # neighbours of the best again, one above and one below by turns.
+            # neighbours of the best again, one above and one below by turns. (While plain
+            # steps win, the probe above looks again instead.)
             neighbour = best + (1 if self.steps // self.refresh_every % 2 else -1)
             if neighbour in candidates:
                 return neighbour
