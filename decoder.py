@@ -298,12 +298,12 @@ def speculative_steps(
             k = policy.choose([row.index for row in rows], cap)
         newest = [row.newest for row in rows]
         drafting = time.perf_counter()
-        table = draft_and_verify(target, drafter, batch.cache, newest, k, delta, sampling)
+        table, real = draft_and_verify(target, drafter, batch.cache, newest, k, delta, sampling)
         verified = time.perf_counter()
         accepted = [row[0] for row in table]
         proposed = [row[1 : k + 1] for row in table]
         verdicts = [row[k + 1] for row in table]
-        drafted = [min(row[-1], k, left - 1) for row, left in zip(table, remaining)]
+        drafted = [min(count, left - 1) for count, left in zip(real, remaining)]
         batch.cache.trim([k - count for count in accepted])
         if drafter is not None:
             drafter.settle(newest, k, accepted, proposed, verdicts)
@@ -327,7 +327,7 @@ def speculative_steps(
 def draft_and_verify(target, drafter, cache, newest, k, delta, sampling):
     """Draft k tokens per row, score them with the target, verify: one host read.
 
-    Returns per row [accepted count, draft 1 .. draft k, target token, real drafts].
+    Returns (per row [accepted count, draft 1 .. draft k, target token], real drafts per row).
     """
     drafts = mx.zeros((len(newest), 0), mx.int32)
     q = limit = None
@@ -335,13 +335,14 @@ def draft_and_verify(target, drafter, cache, newest, k, delta, sampling):
         drafts, q, limit = drafter.propose(newest, k, sampling)
     logits = target.decode(mx.concatenate([mx.array(newest, mx.int32)[:, None], drafts], axis=1), cache)
     counts, tokens = verify(logits, drafts, q, limit, delta, sampling)
-    real = mx.full((len(newest), 1), k, mx.int32) if limit is None else mx.array(limit, mx.int32)[:, None]
-    return mx.concatenate([counts[:, None], drafts, tokens[:, None], real], axis=1).astype(mx.int32).tolist()
+    table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32).tolist()
+    # The drafter said on the host how many drafts are real: no need to send that through the device.
+    return table, ([k] * len(newest) if limit is None else limit)
 
 
 def settle_row(row, entry, k, drafted, left, eos):
     """Count one row's step in its stats and say what it emits: its Step record."""
-    accepted, *proposed = entry[:-1]
+    accepted, *proposed = entry
     emitted = proposed[:accepted] + proposed[k : k + 1]
     tokens = []
     for value in emitted[:left]:
