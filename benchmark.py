@@ -96,9 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--hf-draft-model", help="with --draft-model and --compare-hf: that of the draft")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--plot", help="draw speedup and acceptance against g into this PNG (matplotlib)")
-    parser.add_argument("--eps", type=float, nargs="+", default=[PAIR["eps"]],
+    parser.add_argument("--eps", type=float, nargs="+",
                         help="synthetic pair: how far the target strays from the draft (the scale of its extra "
-                             "layers; 0 is the draft's own function); several values sweep them")
+                             "layers; 0 is the draft's own function); several values sweep them "
+                             f"(default: {PAIR['eps']}; with --preset: {synthetic.PRESET_EPS})")
     parser.add_argument("--layers", type=int, default=PAIR["target_layers"], help="synthetic pair: target layers")
     parser.add_argument("--d-model", type=int, default=PAIR["d_model"], help="synthetic pair: d_model")
     parser.add_argument("--preset", nargs="?", const="",
@@ -106,7 +107,10 @@ def parse_args(argv=None):
                              "no value lists them")
     parser.add_argument("--family", choices=sorted(FAMILY_SHAPES), default="t5", help="synthetic pair: model family")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: the transformers child process
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.eps is None:  # the preset's target is wider: the same eps strays much further there
+        args.eps = [synthetic.PRESET_EPS if args.preset else PAIR["eps"]]
+    return args
 
 
 def writable(path):

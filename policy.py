@@ -33,9 +33,15 @@ class StepCosts:
     acceptance and the loop's host work, timed from one host read to the next, so timing
     adds no device synchronisation. The first step of each (batch, k) is left out (it
     pays one-off allocations); the median of the last few is kept.
+
+    Single steps scatter by +-25% on a busy CPU, and a k that is seldom chosen keeps the
+    few samples it was first timed with. So a k's median is pulled towards the line
+    through the medians of every k >= 1 at that batch size, which lends it the other ks'
+    samples (k 0, a plain step with no draft and a one-token pass, stands apart).
     """
 
-    kept = 5
+    kept = 15
+    trend_weight = 4.0  # the line counts as this many samples of a k's own
 
     def __init__(self):
         self.samples = {}
@@ -51,7 +57,33 @@ class StepCosts:
         return bool(self.samples.get((batch, k)))
 
     def seconds(self, batch, k):
-        return statistics.median(self.samples[(batch, k)])
+        return self.table(batch, [k])[k]
+
+    def table(self, batch, ks):
+        """{k: estimated seconds} for measured ks, the line fitted once for all of them."""
+        trend = self.trend(batch)
+        estimates = {}
+        for k in ks:
+            own = self.samples[(batch, k)]
+            estimates[k] = statistics.median(own)
+            if k > 0 and trend is not None:
+                weight = self.trend_weight
+                estimates[k] = (len(own) * estimates[k] + weight * trend(k)) / (len(own) + weight)
+        return estimates
+
+    def trend(self, batch):
+        """Least-squares line through the medians of k >= 1 at this batch, weighted by their sample counts
+        (None until two ks are measured)."""
+        points = [(k, statistics.median(kept), len(kept)) for (b, k), kept in self.samples.items()
+                  if b == batch and k > 0 and kept]
+        if len(points) < 2:
+            return None
+        total = sum(n for _, _, n in points)
+        mean_k = sum(n * k for k, _, n in points) / total
+        mean_t = sum(n * t for _, t, n in points) / total
+        spread = sum(n * (k - mean_k) ** 2 for k, _, n in points)
+        slope = sum(n * (k - mean_k) * (t - mean_t) for k, t, n in points) / spread
+        return lambda k: mean_t + slope * (k - mean_k)
 
 
 def expected_tokens(a, k):
@@ -69,7 +101,9 @@ class AdaptivePolicy:
     Every k is first tried once past its warm-up, so each is judged on a measured cost.
     """
 
-    prior_weight = 4.0  # a new row starts from the pooled acceptance, worth this many drafts
+    # A new row starts from the pooled acceptance, worth this many drafts: a row's own estimate
+    # takes over after a few steps, yet a handful of drafts does not swing k about.
+    prior_weight = 16.0
     # Per judged draft: a row's estimate follows its last ~30 drafts, so a drift shows, yet
     # a few rejections in a row do not drop it to k 1, where each step judges one draft
     # and the estimate would take many steps to recover.
@@ -91,16 +125,18 @@ class AdaptivePolicy:
         accepted, judged = self.rows.get(row, (0.0, 0.0))
         return (accepted + self.prior_weight * pooled) / (judged + self.prior_weight)
 
-    def rate(self, rows, k):
-        tokens = sum(expected_tokens(self.acceptance(row), k) for row in rows)
-        return tokens / self.costs.seconds(len(rows), k)
+    def rate(self, acceptances, k, seconds):
+        """Expected tokens per second of a k-draft step taking `seconds`, over rows with these acceptances."""
+        return sum(expected_tokens(a, k) for a in acceptances) / seconds
 
     def choose(self, rows, cap):
         candidates = range(min(self.num_draft, cap) + 1)
         for k in candidates:
             if not self.costs.known(len(rows), k):
                 return k  # explore: a real step, timed
-        best = max(candidates, key=lambda k: self.rate(rows, k))
+        seconds = self.costs.table(len(rows), candidates)
+        acceptances = [self.acceptance(row) for row in rows]
+        best = max(candidates, key=lambda k: self.rate(acceptances, k, seconds[k]))
         self.plain_streak = self.plain_streak + 1 if best == 0 else 0
         if self.plain_streak > self.probe_after and cap > 0:
             # Acceptance is only seen while drafting: look again now and then.

@@ -377,7 +377,13 @@ def real_config(name, **overrides):
 # meaningless. Factor 3 gives the most varied output of those tried.
 PRESETS = {"t5-3b": ("t5-3b", "t5-small")}
 PRESET_SETTINGS = dict(tie_word_embeddings=False, initializer_factor=3.0)
-PRESET_EPS = 0.05
+# Tuned by counting greedy acceptance (g 3, 3 prompts x 24 tokens, no timing) with the built
+# target's eps-scaled weights rescaled in memory:
+#   eps   0.05  0.02  0.01  0.005  0.004  0.003
+#   a     0.10  0.06  0.22  0.64   0.44   0.48
+# Its 16384-wide feed-forward layers and 32 heads stray much further per unit of eps than
+# the default pair's; below 0.01 acceptance is near 0.5-0.65 but noisy from prompt to prompt.
+PRESET_EPS = 0.005
 SHARD_BYTES = 1 << 30
 
 

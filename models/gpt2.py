@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import BaseModelArgs, CausalModel, causal_mask, gelu_tanh, output_config  # noqa: F401 (convert.py uses output_config)
+from .linear import Linear, tied_head
 
 ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu": nn.gelu, "relu": nn.relu}
 
@@ -50,8 +51,8 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5 if args.scale_attn_weights else 1.0
         if args.scale_attn_by_inverse_layer_idx:
             self.scale /= index + 1
-        self.c_attn = nn.Linear(args.n_embd, 3 * args.n_embd)
-        self.c_proj = nn.Linear(args.n_embd, args.n_embd)
+        self.c_attn = Linear(args.n_embd, 3 * args.n_embd)
+        self.c_proj = Linear(args.n_embd, args.n_embd)
 
     def __call__(self, x, mask, cache, index):
         B, L, _ = x.shape
@@ -65,8 +66,8 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.act = ACTIVATIONS[args.activation_function]
-        self.c_fc = nn.Linear(args.n_embd, args.n_inner)
-        self.c_proj = nn.Linear(args.n_inner, args.n_embd)
+        self.c_fc = Linear(args.n_embd, args.n_inner)
+        self.c_proj = Linear(args.n_inner, args.n_embd)
 
     def __call__(self, x):
         return self.c_proj(self.act(self.c_fc(x)))
@@ -94,7 +95,7 @@ class Model(nn.Module, CausalModel):
         self.h = [Block(args, i) for i in range(args.n_layer)]
         self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.n_embd, args.vocab_size, bias=False)
 
     @property
     def max_positions(self):
@@ -109,7 +110,7 @@ class Model(nn.Module, CausalModel):
         for index, block in enumerate(self.h):
             x = block(x, mask, cache, index)
         x = self.ln_f(x)
-        return self.wte.as_linear(x) if self.args.tie_word_embeddings else self.lm_head(x)
+        return tied_head(self.wte, x) if self.args.tie_word_embeddings else self.lm_head(x)
 
 
 # ----- Hugging Face checkpoints -----------------------------------------------------------

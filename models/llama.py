@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .base import BaseModelArgs, CausalModel, causal_mask, output_config  # noqa: F401 (convert.py uses output_config)
+from .linear import Linear, tied_head
 
 ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -102,10 +103,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.scale = args.head_dim**-0.5
         d, inner, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-        self.q_proj = nn.Linear(d, inner, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(d, kv, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(d, kv, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(inner, d, bias=args.o_bias)
+        self.q_proj = Linear(d, inner, bias=args.qkv_bias)
+        self.k_proj = Linear(d, kv, bias=args.qkv_bias)
+        self.v_proj = Linear(d, kv, bias=args.qkv_bias)
+        self.o_proj = Linear(inner, d, bias=args.o_bias)
 
     def __call__(self, x, mask, rope, cache, index):
         B, L, _ = x.shape
@@ -124,9 +125,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def __call__(self, x):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -153,7 +154,7 @@ class Model(nn.Module, CausalModel):
         self.layers = [Layer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self._inv_freq = inverse_frequencies(args)
 
     def rope(self, positions, dtype):
@@ -171,7 +172,7 @@ class Model(nn.Module, CausalModel):
         for index, layer in enumerate(self.layers):
             x = layer(x, mask, rope, cache, index)
         x = self.norm(x)
-        return self.embed_tokens.as_linear(x) if self.args.tie_word_embeddings else self.lm_head(x)
+        return tied_head(self.embed_tokens, x) if self.args.tie_word_embeddings else self.lm_head(x)
 
 
 # ----- Hugging Face checkpoints -----------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 
 from .base import BaseModelArgs, gelu_tanh
 from .cache import Cache
+from .linear import Linear, tied_head
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": gelu_tanh, "silu": nn.silu}
 
@@ -101,10 +102,10 @@ class Attention(nn.Module):
         super().__init__()
         inner = args.num_heads * args.d_kv
         self.num_heads = args.num_heads
-        self.q = nn.Linear(args.d_model, inner, bias=False)
-        self.k = nn.Linear(args.d_model, inner, bias=False)
-        self.v = nn.Linear(args.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, args.d_model, bias=False)
+        self.q = Linear(args.d_model, inner, bias=False)
+        self.k = Linear(args.d_model, inner, bias=False)
+        self.v = Linear(args.d_model, inner, bias=False)
+        self.o = Linear(inner, args.d_model, bias=False)
 
     def heads(self, x):
         B, L, _ = x.shape
@@ -126,11 +127,11 @@ class FeedForward(nn.Module):
         self.gated = args.gated
         self.act = args.activation
         if self.gated:
-            self.wi_0 = nn.Linear(args.d_model, args.d_ff, bias=False)
-            self.wi_1 = nn.Linear(args.d_model, args.d_ff, bias=False)
+            self.wi_0 = Linear(args.d_model, args.d_ff, bias=False)
+            self.wi_1 = Linear(args.d_model, args.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(args.d_model, args.d_ff, bias=False)
-        self.wo = nn.Linear(args.d_ff, args.d_model, bias=False)
+            self.wi = Linear(args.d_model, args.d_ff, bias=False)
+        self.wo = Linear(args.d_ff, args.d_model, bias=False)
 
     def __call__(self, x):
         if self.gated:
@@ -263,7 +264,7 @@ class Model(nn.Module):
         self.encoder = Encoder(args)
         self.decoder = Decoder(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.d_model, args.vocab_size, bias=False)
 
     max_positions = None  # relative positions: no table to run off
 
@@ -306,7 +307,7 @@ class Model(nn.Module):
         if self.args.scale_decoder_outputs:
             h = h * self.args.d_model**-0.5
         if self.args.tie_word_embeddings:
-            return self.shared.as_linear(h)
+            return tied_head(self.shared, h)
         return self.lm_head(h)
 
     def __call__(self, input_ids, decoder_input_ids, mask=None):

@@ -108,3 +108,26 @@ def test_expected_tokens():
     assert policy.expected_tokens(0.0, 5) == 1
     assert policy.expected_tokens(1.0, 5) == 6
     assert policy.expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_seldom_timed_ks_lean_on_the_line_through_the_others():
+    """A k timed once is pulled towards the weighted least-squares line of all k >= 1; k 0 stands apart."""
+    import numpy as np
+
+    costs = policy.StepCosts()
+    medians = {0: 0.015, 1: 0.03, 2: 0.04, 3: 0.08, 4: 0.06}
+    counts = {0: 10, 1: 10, 2: 10, 3: 1, 4: 10}
+    for k, seconds in medians.items():
+        for _ in range(counts[k] + 1):  # the first is the warm-up step
+            costs.record(1, k, seconds)
+    ks = [1, 2, 3, 4]
+    line = np.poly1d(np.polyfit(ks, [medians[k] for k in ks], 1, w=[np.sqrt(counts[k]) for k in ks]))
+    weight = policy.StepCosts.trend_weight
+    assert costs.seconds(1, 3) == pytest.approx((1 * 0.08 + weight * line(3)) / (1 + weight))
+    assert costs.seconds(1, 3) < 0.07
+    assert costs.seconds(1, 0) == 0.015
+    # Only one k measured: nothing to draw a line through.
+    alone = policy.StepCosts()
+    alone.record(1, 2, 0.5)
+    alone.record(1, 2, 0.05)
+    assert alone.seconds(1, 2) == 0.05
