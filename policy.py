@@ -60,29 +60,30 @@ class StepCosts:
         return self.table(batch, [k])[k]
 
     def table(self, batch, ks):
-        """{k: estimated seconds} for measured ks, the line fitted once for all of them."""
-        trend = self.trend(batch)
+        """{k: estimated seconds} for measured ks, each median taken and the line fitted once."""
+        medians = {k: (statistics.median(kept), len(kept))
+                   for (b, k), kept in self.samples.items() if b == batch and kept}
+        trend = self.trend({k: point for k, point in medians.items() if k > 0})
         estimates = {}
         for k in ks:
-            own = self.samples[(batch, k)]
-            estimates[k] = statistics.median(own)
+            median, count = medians[k]
+            estimates[k] = median
             if k > 0 and trend is not None:
                 weight = self.trend_weight
-                estimates[k] = (len(own) * estimates[k] + weight * trend(k)) / (len(own) + weight)
+                estimates[k] = (count * median + weight * trend(k)) / (count + weight)
         return estimates
 
-    def trend(self, batch):
-        """Least-squares line through the medians of k >= 1 at this batch, weighted by their sample counts
-        (None until two ks are measured)."""
-        points = [(k, statistics.median(kept), len(kept)) for (b, k), kept in self.samples.items()
-                  if b == batch and k > 0 and kept]
+    @staticmethod
+    def trend(points):
+        """Least-squares line through {k: (median, sample count)}, weighted by the counts
+        (None below two points)."""
         if len(points) < 2:
             return None
-        total = sum(n for _, _, n in points)
-        mean_k = sum(n * k for k, _, n in points) / total
-        mean_t = sum(n * t for _, t, n in points) / total
-        spread = sum(n * (k - mean_k) ** 2 for k, _, n in points)
-        slope = sum(n * (k - mean_k) * (t - mean_t) for k, t, n in points) / spread
+        total = sum(n for _, n in points.values())
+        mean_k = sum(n * k for k, (_, n) in points.items()) / total
+        mean_t = sum(n * t for t, n in points.values()) / total
+        spread = sum(n * (k - mean_k) ** 2 for k, (_, n) in points.items())
+        slope = sum(n * (k - mean_k) * (t - mean_t) for k, (t, n) in points.items()) / spread
         return lambda k: mean_t + slope * (k - mean_k)
 
 
