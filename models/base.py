@@ -39,14 +39,8 @@ def causal_mask(query_positions, key_positions, dtype):
     return mx.where(visible, 0.0, -mx.inf).astype(dtype)[:, None]
 
 
-class CausalModel:
-    """The decoding interface (decoder.LanguageModel) of a decoder-only model.
-
-    A subclass defines `args` (with vocab_size, eos_token_id, bos_token_id, num_layers)
-    and `decode(tokens, cache, padding)`.
-    """
-
-    max_positions = None  # no limit unless the family has a table of positions
+class TokenIds:
+    """vocab_size and eos_token_id, which decoder.LanguageModel asks for, read from the model's `args`."""
 
     @property
     def vocab_size(self):
@@ -55,6 +49,16 @@ class CausalModel:
     @property
     def eos_token_id(self):
         return self.args.eos_token_id
+
+
+class CausalModel(TokenIds):
+    """The decoding interface (decoder.LanguageModel) of a decoder-only model.
+
+    A subclass defines `args` (with vocab_size, eos_token_id, bos_token_id, num_layers)
+    and `decode(tokens, cache, padding)`.
+    """
+
+    max_positions = None  # no limit unless the family has a table of positions
 
     def __call__(self, input_ids, padding=None):
         """Logits (batch, length, vocab) of a full forward from an empty cache; padding as in decode."""

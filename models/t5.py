@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .base import BaseModelArgs, gelu_tanh
+from .base import BaseModelArgs, TokenIds, gelu_tanh
 from .cache import Cache
 from .linear import Linear, tied_head
 
@@ -256,7 +256,7 @@ class T5Cache(Cache):
         self.cross_mask = None if self.cross_mask is None else self.cross_mask[index]
 
 
-class Model(nn.Module):
+class Model(nn.Module, TokenIds):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -269,16 +269,8 @@ class Model(nn.Module):
     max_positions = None  # relative positions: no table to run off
 
     @property
-    def vocab_size(self):
-        return self.args.vocab_size
-
-    @property
     def decoder_start_token_id(self):
         return self.args.decoder_start_token_id
-
-    @property
-    def eos_token_id(self):
-        return self.args.eos_token_id
 
     def encode(self, input_ids, mask=None):
         """Encoder output (batch, length, d_model); mask is 1 for real tokens, 0 for padding."""
