@@ -43,6 +43,7 @@ import drafters
 import model
 import policy
 import synthetic
+from files import write_atomically
 from main import UsageError, guarded, load_models, read_prompt_file, require, require_models
 
 # Two prompts x 128 tokens x 3 repeats keep the default run within a few minutes here.
@@ -651,16 +652,6 @@ def plot(results, path):
     fig.tight_layout()
     write_atomically(path, "wb", lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-
-
-def write_atomically(path, mode, write):
-    """Call write(file) on a temporary file beside path, then rename it to path.
-
-    A failed run leaves no half-written file behind.
-    """
-    with tempfile.NamedTemporaryFile(mode, dir=Path(path).resolve().parent, delete=False, suffix=".tmp") as f:
-        write(f)
-    os.replace(f.name, path)
 
 
 def load_pair(args, eps):

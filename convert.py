@@ -19,7 +19,6 @@ import shutil
 import signal
 import struct
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 import cli
+import files
 import model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -269,6 +269,7 @@ class ShardWriter:
             mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
         except RuntimeError as error:  # MLX reports a failed write (a full disk) this way
             raise OSError(None, f"{error} (is the disk full?)", str(path)) from None
+        files.follow_umask(path)  # MLX creates its files 0644 whatever the umask
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -418,9 +419,7 @@ def mark(folder):
 def make_staging(destination):
     """A new hidden folder beside `destination`, where the output is written before it is renamed."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise stay on the result
-    return staging
+    return files.temporary_folder(destination, prefix=f".{destination.name}.")
 
 
 def install(staging, destination, source_folder):

@@ -9,6 +9,7 @@ import importlib
 import inspect
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -16,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+import files
 
 # Standard-library modules whose docstrings are the tokenizer's training text.
 CORPUS_MODULES = (
@@ -25,7 +28,9 @@ CORPUS_MODULES = (
 )
 EXTRA_IDS = 100
 BPE_SPECIAL = "<|endoftext|>"  # id 0 of the byte-level BPE: BOS and EOS, as in GPT-2
-CACHE = Path(tempfile.gettempdir()) / "t5-speculative-synthetic"
+# Where tokenizers and pairs are built once and reused; MLX_T5_SYNTHETIC_CACHE moves it
+# (the tests point it at a folder of their own, away from the pairs a user built).
+CACHE = Path(os.environ.get("MLX_T5_SYNTHETIC_CACHE") or Path(tempfile.gettempdir()) / "t5-speculative-synthetic")
 
 
 def corpus_sentences():
@@ -60,8 +65,7 @@ def cached_tokenizer(vocab_size=1000, kind="t5"):
     if (cached / "tokenizer.json").is_file():
         return cached
     CACHE.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=CACHE))  # renamed whole, so a reader never sees half of it
-    staging.chmod(0o755)
+    staging = files.temporary_folder(cached)  # renamed whole, so a reader never sees half of it
     try:
         (write_tokenizer if kind == "t5" else write_bpe_tokenizer)(staging, vocab_size)
         staging.rename(cached)

@@ -5,12 +5,20 @@ inner_dim_checkpoint: the same saved as Hugging Face folders; tokenizer_dir; pai
 and load_pair: converted speculative pairs.
 """
 
+import atexit
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The tests' synthetic tokenizers and pairs go to a folder of this session's own (the
+# scripts they run inherit it), never into the cache the README's commands read.
+os.environ["MLX_T5_SYNTHETIC_CACHE"] = tempfile.mkdtemp(prefix="mlx-t5-tests-")
+atexit.register(shutil.rmtree, os.environ["MLX_T5_SYNTHETIC_CACHE"], ignore_errors=True)
 
 import cpu_blas  # noqa: E402,F401  (before anything imports MLX)
 
