@@ -1,6 +1,8 @@
 """policy.py: the adaptive schedule picks the k the formula says (pure unit tests, no timing)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import policy
 
@@ -75,9 +77,10 @@ def test_every_k_is_measured_before_it_is_judged():
         k = chosen.choose([0], cap=3)
         seen.append(k)
         chosen.observe([0], k, [k], [k], 0.01 + 0.002 * k)
-    # Each k twice (its warm-up step is not kept), then a choice on measured costs.
-    assert seen[:8] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert chosen.choose([0], cap=3) == 3  # everything accepted and cheap drafts: draft the most
+    # k 0, 1 and 2 twice each (the warm-up step is not kept); the line through k 1 and 2
+    # then predicts k 3, which wins (everything accepted, cheap drafts) and is timed.
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert chosen.choose([0], cap=3) == 3
 
 
 def test_acceptance_estimate_follows_observations():
@@ -89,11 +92,19 @@ def test_acceptance_estimate_follows_observations():
 
 
 def test_plain_steps_probe_again_after_a_while():
-    costs = costs_from([0.020, 0.040])
+    costs = costs_from([0.020, 0.030])
     chosen = policy.AdaptivePolicy(1, costs)
     chosen.rows[0] = (0.0, 50.0)
     picks = [chosen.choose([0], cap=1) for _ in range(40)]
     assert picks.count(0) >= 35 and 1 in picks
+
+
+def test_no_probe_where_drafting_cannot_pay():
+    """A k 1 step costing two plain steps cannot pay even if its draft were accepted: never probed."""
+    costs = costs_from([0.020, 0.041])
+    chosen = policy.AdaptivePolicy(1, costs)
+    chosen.rows[0] = (0.0, 50.0)
+    assert [chosen.choose([0], cap=1) for _ in range(100)] == [0] * 100
 
 
 def test_constant_policy_and_caps():
@@ -131,3 +142,120 @@ def test_seldom_timed_ks_lean_on_the_line_through_the_others():
     alone.record(1, 2, 0.5)
     alone.record(1, 2, 0.05)
     assert alone.seconds(1, 2) == 0.05
+
+
+# The cost model: components measured on purpose, fitted, rescaled by the loop's steps.
+
+def concave_verify(rows, base=0.02, growth=0.3, knee=4.0):
+    """A target pass that costs more with rows, at a falling rate (the CPU's shape)."""
+    return base * (1 + growth * knee * (1 - (1 + rows / knee) ** -1) * rows / (rows + 1) + growth * rows / 10)
+
+
+def test_fitted_verify_curve_matches_known_costs():
+    """Noise-free costs come back exactly where measured and between the measured rows along the chords."""
+    measured = {r: concave_verify(r) for r in (1, 2, 3, 5, 8, 9)}
+    costs = policy.Components(0.0004, 0.003, measured)
+    for rows, seconds in measured.items():
+        assert costs.verify_at(rows) == pytest.approx(seconds)
+    assert costs.verify_at(4) == pytest.approx((measured[3] + measured[5]) / 2)
+    assert costs.verify_at(12) == pytest.approx(measured[9] + 3 * (measured[9] - measured[8]))  # the last chord on
+    assert costs.step(1, 4) == pytest.approx(0.0004 + 4 * 0.003 + costs.verify_at(5))
+    assert costs.step(2, 3) == pytest.approx(0.0004 + 3 * 0.003 + costs.verify_at(8))  # rows = (k + 1) x batch
+
+
+@settings(deadline=None)  # the first example imports scipy
+@given(st.lists(st.floats(0.001, 1.0), min_size=1, max_size=12), st.integers(1, 4))
+def test_fitted_verify_curve_is_monotone_and_least_squares(seconds, batch):
+    """Whatever the noise, the fit never falls with rows, and is the isotonic least-squares fit (scipy's)."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    measured = {(n + 1) * batch: s for n, s in enumerate(seconds)}
+    costs = policy.Components(0.0, 0.0, measured)
+    values = [costs.verify_at(rows) for rows in range(1, (len(seconds) + 3) * batch)]
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+    reference = scipy_optimize.isotonic_regression(seconds).x
+    assert [costs.verify_at(r) for r in measured] == pytest.approx(list(reference))
+
+
+def calibrated(host, draft, verify, batch=1):
+    return policy.StepCosts({batch: policy.Components(host, draft, verify)})
+
+
+def test_one_measured_k_rescales_every_k():
+    """The machine runs 1.3x slower than calibrated: steps at k 2 alone move every k's estimate."""
+    verify = {r: concave_verify(r) for r in range(1, 10)}
+    costs = calibrated(0.0005, 0.004, verify)
+    model = costs.components[1]
+    for _ in range(10):
+        costs.record(1, 2, 1.3 * model.step(1, 2))
+    estimates = costs.table(1, range(9))
+    for k in range(9):
+        assert estimates[k] == pytest.approx(1.3 * model.step(1, k))
+    assert costs.calibration(1).step(1, 5) == pytest.approx(1.3 * model.step(1, 5))
+
+
+def test_a_seldom_timed_k_is_not_judged_on_one_noisy_sample():
+    verify = {r: concave_verify(r) for r in range(1, 10)}
+    costs = calibrated(0.0005, 0.004, verify)
+    model = costs.components[1]
+    for k in (1, 2, 3, 5):
+        for _ in range(6):
+            costs.record(1, k, model.step(1, k))
+    costs.record(1, 4, 0.5)  # warm-up step: left out
+    costs.record(1, 4, 2.0 * model.step(1, 4))  # one step on a busy moment
+    estimate = costs.seconds(1, 4)
+    weight = policy.StepCosts.trend_weight
+    assert estimate == pytest.approx((2.0 * model.step(1, 4) + weight * costs.scale(1) * model.step(1, 4))
+                                     / (1 + weight))
+    assert estimate < 1.25 * model.step(1, 4)
+
+
+costs_drawn = st.builds(
+    lambda host, draft, base, slopes: (host, draft, {r: base + sum(slopes[:r]) for r in range(1, 10)}),
+    st.floats(0.0, 0.002), st.floats(0.0005, 0.02), st.floats(0.005, 0.1),
+    st.lists(st.floats(0.0, 0.02), min_size=9, max_size=9))
+
+
+@settings(max_examples=60, deadline=None)
+@given(costs_drawn, st.floats(0.0, 0.99), st.integers(1, 8))
+def test_calibrated_choice_maximises_expected_tokens_per_second(drawn, a, cap):
+    """From the first step on a calibrated machine: the formula's argmax over the model's costs."""
+    host, draft, verify = drawn
+    costs = calibrated(host, draft, verify)
+    chosen = policy.AdaptivePolicy(8, costs)
+    chosen.rows[0] = (a * 1e6, 1e6)
+    model = costs.components[1]
+    rate = {k: policy.expected_tokens(a, k) / model.step(1, k) for k in range(cap + 1)}
+    k = chosen.choose([0], cap)
+    assert rate[k] == pytest.approx(max(rate.values()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(costs_drawn, st.floats(0.0, 0.99), st.integers(1, 2), st.integers(0, 2**32 - 1))
+def test_calibrated_policy_never_tries_a_k_that_cannot_pay(drawn, a, batch, seed):
+    """Over a long run (acceptance drawn step by step), every k tried could beat the best's expected
+    rate were all its drafts accepted, and most steps take the best k."""
+    import random
+
+    host, draft, verify = drawn
+    costs = calibrated(host, draft, {rows * batch: s for rows, s in verify.items()}, batch)
+    model = costs.components[batch]
+    chosen = policy.AdaptivePolicy(8, costs)
+    rng = random.Random(seed)
+    rows = list(range(batch))
+    best_steps = 0
+    for _ in range(150):
+        acceptances = [chosen.acceptance(row) for row in rows]
+        seconds = {k: model.step(batch, k) for k in range(9)}
+        rates = {k: chosen.rate(acceptances, k, seconds[k]) for k in range(9)}
+        best = max(rates.values())
+        k = chosen.choose(rows, cap=8)
+        assert rates[k] == pytest.approx(best) or batch * (k + 1) / seconds[k] > best
+        best_steps += rates[k] == pytest.approx(best)
+        accepted = []
+        for _ in rows:
+            count = 0
+            while count < k and rng.random() < a:
+                count += 1
+            accepted.append(count)
+        chosen.observe(rows, k, [k] * batch, accepted, seconds[k])
+    assert best_steps >= 0.85 * 150

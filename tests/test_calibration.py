@@ -1,0 +1,158 @@
+"""calibration.py: step costs measured on purpose, kept per machine in a small file, read back safely."""
+
+import json
+import multiprocessing
+import os
+import stat
+
+import pytest
+from conftest import OFTEN
+from test_decoder import MAX_TOKENS, prompt_ids
+
+import calibration
+import decoder
+import policy
+
+
+@pytest.fixture
+def costs_file(tmp_path, monkeypatch):
+    """The step-cost file of this test alone (never the user's cache); warnings shown afresh."""
+    file = tmp_path / "cache" / "step-costs.json"
+    monkeypatch.setenv("MLX_T5_STEP_COSTS", str(file))
+    monkeypatch.setattr(calibration, "_warned", set())
+    return file
+
+
+def fields(**changes):
+    """Identity fields of an entry (as calibration.identity gives them), without loading models."""
+    return {**calibration.machine(), "target": "/models/target", "draft": "/models/draft", "dtype": "float32",
+            "batch": 1, **changes}
+
+
+COSTS = policy.Components(0.0004, 0.003, {1: 0.020, 2: 0.024, 3: 0.027, 4: 0.031})
+
+
+def test_the_file_lives_in_the_users_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLX_T5_STEP_COSTS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert calibration.path() == tmp_path / "mlx-speculative" / "step-costs.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert str(calibration.path()).endswith(os.path.join(".cache", "mlx-speculative", "step-costs.json"))
+
+
+def test_round_trip(costs_file):
+    calibration.store(fields(), COSTS, [30.0, 40.0])
+    entry = calibration.lookup(fields())
+    assert calibration.components(entry) == COSTS
+    chosen = calibration.adaptive_policy(8, fields())
+    assert chosen.costs.calibrated(1) and not chosen.costs.calibrated(2)
+    assert chosen.costs.components[1].step(1, 3) == pytest.approx(COSTS.step(1, 3))
+    assert chosen.pooled == pytest.approx([24.0, 32.0])  # the ratio kept, at most 32 judged drafts' weight
+    # Another batch size, target or dtype is another entry.
+    for other in (dict(batch=2), dict(target="/models/other"), dict(dtype="bfloat16")):
+        assert calibration.lookup(fields(**other)) is None
+        assert not calibration.adaptive_policy(8, fields(**other)).costs.calibrated(1)
+
+
+def test_file_follows_the_umask(costs_file):
+    previous = os.umask(0o027)
+    try:
+        calibration.store(fields(), COSTS)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(costs_file.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("foreign", [dict(processor="Another CPU"), dict(mlx="0.1.0"), dict(device="Device(gpu, 0)"),
+                                     dict(blas="libopenblas.so.0")])
+def test_an_entry_of_another_machine_or_mlx_version_is_ignored(costs_file, monkeypatch, foreign):
+    theirs = dict(calibration.machine(), **foreign)
+    calibration.store(dict(fields(), **foreign), COSTS)
+    assert calibration.lookup(fields()) is None
+    assert not calibration.adaptive_policy(8, fields()).costs.calibrated(1)
+    # ... and stays in the file for its own machine.
+    monkeypatch.setattr(calibration, "machine", lambda: theirs)
+    assert calibration.lookup(fields()) is not None
+
+
+@pytest.mark.parametrize("text", ["{not json", "", '{"entries": [1, 2]}', '["entries"]', '{"entries": {"k": 3}}',
+                                  "\udcff"])
+def test_a_damaged_file_is_ignored_with_one_warning(costs_file, capsys, text):
+    costs_file.parent.mkdir(parents=True)
+    costs_file.write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert calibration.read() == {}
+    assert calibration.lookup(fields()) is None
+    assert not calibration.adaptive_policy(8, fields()).costs.calibrated(1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ignoring the step-cost file")
+    # The next write replaces it with a good file.
+    calibration.store(fields(), COSTS)
+    assert calibration.components(calibration.lookup(fields())) == COSTS
+
+
+def test_an_entry_without_valid_costs_is_ignored(costs_file):
+    calibration.store(fields(), COSTS)
+    data = json.loads(costs_file.read_text())
+    (entry,) = data["entries"].values()
+    entry["verify"] = {"1": -0.5}
+    costs_file.write_text(json.dumps(data))
+    assert calibration.lookup(fields()) is None
+
+
+def write_many(file, writer, times):
+    os.environ["MLX_T5_STEP_COSTS"] = str(file)
+    for time in range(times):
+        calibration.store(fields(target=f"/models/{writer}"), COSTS.scaled(1 + time), [time, times])
+
+
+def test_concurrent_writers_do_not_corrupt_the_file(costs_file):
+    """Several processes writing at once: the file always parses and keeps every writer's last entry."""
+    writers, times = 6, 15
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each, as separate runs would be
+    processes = [context.Process(target=write_many, args=(costs_file, w, times)) for w in range(writers)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+        assert p.exitcode == 0
+    entries = calibration.read()
+    assert len(entries) == writers
+    for w in range(writers):
+        entry = calibration.lookup(fields(target=f"/models/{w}"))
+        assert entry["acceptance"] == [times - 1, times]
+        assert calibration.components(entry).draft == pytest.approx(COSTS.draft * times)
+    assert not [p for p in costs_file.parent.iterdir() if p.suffix == ".tmp"]
+
+
+def test_measure_times_every_component(load_pair, costs_file):
+    target, draft, tokenizer = load_pair(OFTEN)
+    ids = prompt_ids(tokenizer)[0]
+    for batch in (1, 2):
+        measured = calibration.measure(target, draft, ids, most=3, batch=batch, calls=3)
+        assert sorted(measured.verify) == [n * batch for n in range(1, 5)]
+        assert measured.draft > 0 and measured.host > 0 and min(measured.verify.values()) > 0
+        fitted = [measured.verify_at(rows) for rows in range(1, 4 * batch + 3)]
+        assert fitted == sorted(fitted)
+
+
+def test_a_calibrated_run_is_exact_and_writes_back(load_pair, pair_dirs, costs_file):
+    """Greedy output under a policy that starts from stored costs equals the target's; the run's
+    acceptance and rescaled costs go back into the file."""
+    target, draft, tokenizer = load_pair(OFTEN)
+    target_dir, draft_dir = pair_dirs(OFTEN)
+    ids = prompt_ids(tokenizer)
+    mine = calibration.identity(target_dir, draft_dir, 1)
+    # Costs under which drafting pays (a tiny pair's own seldom do: its draft costs about what its target does).
+    calibration.store(mine, policy.Components(0.0, 1e-5, {rows: 1e-3 for rows in range(1, 10)}))
+    chosen = calibration.adaptive_policy(8, mine)
+    assert chosen.costs.calibrated(1) and chosen.pooled == [0.0, 0.0]
+    for prompt in ids:
+        assert list(decoder.speculative_generate(target, draft, prompt, MAX_TOKENS, schedule=chosen)) == \
+            list(decoder.generate(target, prompt, MAX_TOKENS))
+    assert calibration.remember(chosen, mine)
+    entry = calibration.lookup(mine)
+    assert entry["acceptance"][1] > 0 and entry["acceptance"][0] <= entry["acceptance"][1]
+    assert calibration.components(entry) == chosen.costs.calibration(1)
+    # An uncalibrated run leaves the file alone.
+    assert not calibration.remember(policy.AdaptivePolicy(8), dict(mine, batch=3))
+    assert calibration.lookup(dict(mine, batch=3)) is None
