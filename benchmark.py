@@ -42,9 +42,10 @@ import decoder
 import drafters
 import model
 import policy
+import quality
 import synthetic
 from files import write_atomically
-from main import UsageError, guarded, load_models, read_prompt_file, require, require_models
+from main import UsageError, guarded, load_models, read_prompt_file, require, require_models, text_of
 
 # Two prompts x 128 tokens x 3 repeats keep the default run within a few minutes here.
 PROMPTS = [
@@ -80,6 +81,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="target (converted folder or name); default: the synthetic pair")
     parser.add_argument("--draft-model", help="draft (converted folder or name)")
     parser.add_argument("--prompt-file", help='JSON lines with a "prompt" field; default: two built-in prompts')
+    parser.add_argument("--eval", metavar="FILE.jsonl|xsum|humaneval",
+                        help='also score every setting\'s output: JSON lines with a "prompt" and a "reference" '
+                             '(ROUGE-1/2/L F1) or "tests" (pass@1, HumanEval style; the programs run on this '
+                             'machine); xsum or humaneval fetch those sets (needs the datasets package and a network)')
+    parser.add_argument("--eval-limit", type=int, help="--eval: score only the first N prompts")
+    parser.add_argument("--samples", type=int, default=3,
+                        help="--eval with --temperature above 0: seeds per setting for the quality's mean and spread")
     parser.add_argument("--num-draft", type=int, nargs="+", default=list(range(1, 9)),
                         help="g values: drafts per step for the constant schedule; the largest caps the adaptive one")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt")
@@ -137,6 +145,10 @@ def check(args):
         (not (args.compare_hf and args.model and not args.hf_model),
          "--compare-hf with --model needs --hf-model and --hf-draft-model (the Hugging Face checkpoints)"),
         (args.model is None or len(args.eps) == 1, "--eps shapes the synthetic pair; it does not go with --model"),
+        (args.eval is None or args.prompt_file is None, "give --eval or --prompt-file, not both"),
+        (args.eval_limit is None or args.eval is not None, "--eval-limit goes with --eval"),
+        (args.eval_limit is None or args.eval_limit >= 1, "--eval-limit must be at least 1"),
+        (args.samples >= 1, "--samples must be at least 1"),
         (args.layers > PAIR["draft_layers"], f"--layers must exceed the draft's {PAIR['draft_layers']}"),
         (args.d_model >= 8 and args.d_model % 8 == 0, "--d-model must be a positive multiple of 8 (8 heads)"),
         (all(e >= 0 for e in args.eps), "--eps values must not be negative"),
@@ -550,6 +562,8 @@ def table(results):
             d = r["departure"]
             lines.append(f"| {r['delta']} | {r['wall_speedup']:.2f}x | {r['acceptance_rate']:.2f} | "
                          f"{d['identical_prompts']} of {d['prompts']} | {d['first_difference']} |")
+    if "eval" in results:
+        lines += ["", *quality.table_lines(results)]
     if results.get("batches"):
         lines += ["", *batch_table(results)]
     if results.get("hf"):
@@ -620,7 +634,11 @@ def plot(results, path):
     rows = [r for r in everything if r["schedule"] == "constant"]
     g = [r["num_draft"] for r in rows]
     c = results["cost_ratio"]
-    fig, speed = plt.subplots(figsize=(7.5, 4.8))
+    scored = "eval" in results  # a second panel: quality against speed
+    fig, axes = plt.subplots(1, 1 + scored, figsize=(7.5 * (1 + scored), 4.8), squeeze=False)
+    speed = axes[0][0]
+    if scored:
+        quality.plot_panel(axes[0][1], results)
     speed.plot(g, [r["wall_speedup"] for r in rows], "o-", color="tab:blue", label="measured wall speedup")
     speed.plot(g, [r["target_pass_speedup"] for r in rows], "s--", color="tab:orange", alpha=0.7,
                label="target-pass speedup")
@@ -682,8 +700,23 @@ def settings_for(args):
     return settings
 
 
-def benchmark_pair(args, target, draft, prompt_ids, sampling, progress):
-    """Warm up, measure step costs, time every setting round by round; the results without the HF part."""
+def quality_samples(args, setting, target, draft, prompt_ids, sampling):
+    """Outputs to score: greedy, those of every timed run; sampled, an untimed run per seed 0 .. samples - 1."""
+    if sampling.greedy:
+        return [run.outputs for run in setting.runs]
+    samples = []
+    for seed in range(args.samples):
+        mx.random.seed(seed)
+        setting.run(target, draft, prompt_ids, args.max_tokens, sampling)
+        samples.append(setting.runs.pop().outputs)
+    return samples
+
+
+def benchmark_pair(args, target, draft, prompt_ids, sampling, progress, scorer=None, decode=None):
+    """Warm up, measure step costs, time every setting round by round; the results without the HF part.
+
+    With a quality.Scorer, also each setting's quality (after all timing, so scoring does not disturb it).
+    """
     settings = settings_for(args)
     progress.set_postfix_str("warm-up")
     for setting in settings:  # the adaptive schedules also learn their step costs here
@@ -703,7 +736,7 @@ def benchmark_pair(args, target, draft, prompt_ids, sampling, progress):
     exact = plain.runs[0].outputs
     rows = [summarize(s, plain, steps, sampling.greedy, exact) for s in settings[1:]]
     constant = [r for r in rows if r["schedule"] == "constant"]
-    return dict(
+    results = dict(
         greedy=sampling.greedy, target_step_ms=steps["verify"][1] * 1e3, draft_step_ms=steps["draft"] * 1e3,
         cost_ratio=steps["draft"] / steps["verify"][1],
         verify_ms={str(n): seconds * 1e3 for n, seconds in steps["verify"].items()},
@@ -715,10 +748,17 @@ def benchmark_pair(args, target, draft, prompt_ids, sampling, progress):
         outputs_identical=all(r["identical"] for r in rows if r["delta"] == 0) if sampling.greedy else None,
         plain_outputs=exact,
     )
+    if scorer is not None:
+        progress.set_postfix_str("quality")
+        samples = [quality_samples(args, s, target, draft, prompt_ids, sampling) for s in settings]
+        for summary, outputs in zip([results["plain"], *rows], samples):
+            summary["quality"] = scorer.score_samples(outputs, samples[0], decode)
+        progress.update(1)
+    return results
 
 
-def run_one(args, prompts, eps, progress):
-    """The whole benchmark on one pair: its results dict."""
+def run_one(args, prompts, eps, progress, evaluation=None):
+    """The whole benchmark on one pair: its results dict. evaluation: (examples, file) for --eval."""
     sources, target, draft, tokenizer, pair = load_pair(args, eps)
     mx.random.seed(0)
     sampling = decoder.Sampling(args.temperature)
@@ -728,7 +768,15 @@ def run_one(args, prompts, eps, progress):
                    target_parameters=parameters(sources["target"]), draft_parameters=parameters(sources["draft"]),
                    prompts=len(prompts),
                    max_tokens=args.max_tokens, temperature=args.temperature, repeats=args.repeats)
-    results.update(benchmark_pair(args, target, draft, prompt_ids, sampling, progress))
+    scorer = None
+    if evaluation:
+        scorer = quality.Scorer(evaluation[0])
+        results["eval"] = dict(source=str(evaluation[1]), prompts=len(prompts), kind=scorer.kind,
+                               samples=args.repeats if sampling.greedy else args.samples,
+                               samples_are_seeds=not sampling.greedy, time_limit_s=scorer.time_limit,
+                               memory_limit_bytes=scorer.memory_limit)
+    results.update(benchmark_pair(args, target, draft, prompt_ids, sampling, progress, scorer,
+                                  lambda tokens: text_of(tokenizer, tokens)))
     if args.batch_size:
         results["batches"] = benchmark_batches(args, target, draft, prompt_ids, results["best_num_draft"], sampling,
                                                progress)
@@ -752,12 +800,15 @@ def run(args):
     check(args)
     # Bad input is one line before the progress bar starts.
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else PROMPTS
+    evaluation = read_eval(args)
+    if evaluation:
+        prompts = [example.prompt for example in evaluation[0]]
     require_models(args.model, args.draft_model)
     settings = len(settings_for(args))
     units = len(args.eps) * (2 + args.repeats * settings + len(args.batch_size or [])
-                             + len(hf_tasks(args, 1)) * args.compare_hf)
+                             + len(hf_tasks(args, 1)) * args.compare_hf + bool(args.eval))
     with tqdm(total=units, desc="benchmark", file=sys.stderr, dynamic_ncols=True) as progress:
-        sweep = [(eps, run_one(args, prompts, eps, progress)) for eps in args.eps]
+        sweep = [(eps, run_one(args, prompts, eps, progress, evaluation)) for eps in args.eps]
     print("\n\n".join(table(results) for _, results in sweep))
     if len(sweep) > 1:
         print("\n" + sweep_table(sweep))
@@ -769,6 +820,16 @@ def run(args):
     if any("error" in results.get("hf", {}) for _, results in sweep):
         print(f"error: {sweep[0][1]['hf'].get('error', 'the transformers run failed')}", file=sys.stderr)
         sys.exit(1)
+
+
+def read_eval(args):
+    """(examples, file) of --eval, or None; a bad file or an unfetchable set is a UsageError."""
+    if args.eval is None:
+        return None
+    try:
+        return quality.load(args.eval, args.eval_limit)
+    except quality.EvalError as error:
+        raise UsageError(str(error)) from None
 
 
 def main(argv=None):
