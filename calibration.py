@@ -220,3 +220,15 @@ def remember(chosen, fields, file=None):
         return False
     store(fields, costs, scaled_acceptance(chosen.pooled) if chosen.pooled[1] else None, file)
     return True
+
+
+def describe(costs, batch):
+    """A short table of measured costs: per k, the target's rows and pass, and the whole step."""
+    one = costs.verify_at(batch)
+    lines = [f"draft {costs.draft * 1e3:.2f} ms per token, host {costs.host * 1e3:.2f} ms per step, batch {batch}",
+             "| k | target rows | target pass ms (fitted) | x k 0's pass | step ms |", "|---|---|---|---|---|"]
+    for n in sorted(costs.verify):
+        k = n // batch - 1
+        lines.append(f"| {k} | {n} | {costs.verify[n] * 1e3:.2f} ({costs.verify_at(n) * 1e3:.2f}) | "
+                     f"{costs.verify_at(n) / one:.2f} | {costs.step(batch, k) * 1e3:.2f} |")
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ import time
 
 import mlx.core as mx
 
+import calibration
 import cli
 import decoder
 import drafters
@@ -83,6 +84,9 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--regular-decode", action="store_true", help="plain decoding with the target only")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure the step costs of these models, --num-draft and --batch-size on this machine, "
+                             "keep them for the adaptive schedule's later runs, print them and exit")
     return parser
 
 
@@ -101,6 +105,8 @@ def check(args):
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
         (args.ngram_max >= 1, f"--ngram-max must be at least 1, got {args.ngram_max}"),
         (not (args.prompt_lookup and args.regular_decode), "--prompt-lookup and --regular-decode exclude each other"),
+        (not (args.calibrate and (args.prompt_lookup or args.regular_decode)),
+         "--calibrate measures a draft model's steps: not with --prompt-lookup or --regular-decode"),
     ])
 
 
@@ -163,8 +169,8 @@ def check_lengths(prompt_ids, max_tokens, models):
                              f"the model has {m.max_positions}")
 
 
-def step_events(args, target, draft, prompt_ids, stats):
-    """decoder.Step records (prompt index, tokens, finished, ...) as decided, for every prompt."""
+def step_events(args, target, draft, prompt_ids, stats, chosen):
+    """decoder.Step records (prompt index, tokens, finished, ...) as decided by the step policy `chosen`."""
     sampling = decoder.Sampling(args.temperature, args.top_k, args.top_p)
     if draft is None and args.batch_size == 1:
         for i, ids in enumerate(prompt_ids):
@@ -172,8 +178,24 @@ def step_events(args, target, draft, prompt_ids, stats):
         return
     yield from decoder.speculative_steps(
         target, decoder.as_drafter(draft), prompt_ids, args.max_tokens,
-        policy.make_policy(args.draft_schedule, args.num_draft), args.delta, sampling, args.batch_size, stats,
+        chosen, args.delta, sampling, args.batch_size, stats,
     )
+
+
+def kept_costs(args):
+    """The identity of this run's step costs kept by calibration.py, or None where none apply
+    (plain decoding, prompt lookup, the constant schedule)."""
+    if args.regular_decode or args.prompt_lookup or (args.draft_schedule != "adaptive" and not args.calibrate):
+        return None
+    return calibration.identity(args.model, args.draft_model, args.batch_size)
+
+
+def calibrate(args, target, draft, prompt_ids):
+    """Measure and keep this machine's step costs for the models, --num-draft and --batch-size; print them."""
+    costs = calibration.measure(target, draft, prompt_ids[0], args.num_draft, args.batch_size)
+    calibration.store(kept_costs(args), costs)
+    print(calibration.describe(costs, args.batch_size))
+    print(f"kept in {calibration.path()}")
 
 
 def text_of(tokenizer, tokens):
@@ -238,12 +260,19 @@ def run(args):
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None)
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
+    if args.calibrate:
+        calibrate(args, target, draft, prompt_ids)
+        return
     if args.prompt_lookup:
         draft = drafters.PromptLookupDrafter(args.ngram_max)
     mx.random.seed(args.seed)
     stats = [decoder.Stats() for _ in prompts]
+    costs = kept_costs(args)
+    # The adaptive schedule starts from this machine's kept step costs, if measured, and updates them.
+    chosen = (calibration.adaptive_policy(args.num_draft, costs) if costs is not None
+              else policy.make_policy(args.draft_schedule, args.num_draft))
     began = time.perf_counter()
-    steps = step_events(args, target, draft, prompt_ids, stats)
+    steps = step_events(args, target, draft, prompt_ids, stats, chosen)
     speculative = draft is not None
     if args.json or args.batch_size > 1:
         print_json(steps, tokenizer, prompts, stats)
@@ -253,6 +282,8 @@ def run(args):
         stream(steps, tokenizer, stats, speculative)
         if len(prompts) > 1:
             print(summary(stats, time.perf_counter() - began, speculative))
+    if costs is not None:
+        calibration.remember(chosen, costs)
 
 
 def main(argv=None):

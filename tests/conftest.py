@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 # scripts they run inherit it), never into the cache the README's commands read.
 os.environ["MLX_T5_SYNTHETIC_CACHE"] = tempfile.mkdtemp(prefix="mlx-t5-tests-")
 atexit.register(shutil.rmtree, os.environ["MLX_T5_SYNTHETIC_CACHE"], ignore_errors=True)
+# Likewise the step costs main.py keeps (calibration.py): never the user's cache.
+os.environ["MLX_T5_STEP_COSTS"] = os.path.join(os.environ["MLX_T5_SYNTHETIC_CACHE"], "step-costs.json")
 
 import cpu_blas  # noqa: E402,F401  (before anything imports MLX)
 

@@ -6,7 +6,7 @@ import os
 import stat
 
 import pytest
-from conftest import OFTEN
+from conftest import OFTEN, one_error_line, run_script
 from test_decoder import MAX_TOKENS, prompt_ids
 
 import calibration
@@ -156,3 +156,31 @@ def test_a_calibrated_run_is_exact_and_writes_back(load_pair, pair_dirs, costs_f
     # An uncalibrated run leaves the file alone.
     assert not calibration.remember(policy.AdaptivePolicy(8), dict(mine, batch=3))
     assert calibration.lookup(dict(mine, batch=3)) is None
+
+
+def test_main_calibrates_then_runs_from_the_kept_costs(pair_dirs, costs_file):
+    """`main.py --calibrate` measures and keeps an entry; an adaptive run then starts from it and writes back."""
+    target_dir, draft_dir = pair_dirs(OFTEN)
+    models = ("--model", target_dir, "--draft-model", draft_dir)
+    done = run_script("main.py", *models, "--calibrate", "--num-draft", 3, "--prompt", "Close the file.")
+    assert done.returncode == 0, done.stderr
+    assert "| 3 | 4 |" in done.stdout and str(costs_file) in done.stdout
+    mine = calibration.identity(target_dir, draft_dir, 1)
+    entry = calibration.lookup(mine)
+    assert sorted(map(int, entry["verify"])) == [1, 2, 3, 4] and entry["acceptance"] is None
+    # Kept costs under which drafting pays (the tiny pair's own do not): the run drafts and writes back.
+    cheap = policy.Components(0.0, 1e-5, {1: 1e-3, 4: 1.1e-3})
+    calibration.store(mine, cheap)
+    run = run_script("main.py", *models, "--num-draft", 3, "--max-tokens", 16, "--prompt", "Close the file.", "--json")
+    assert run.returncode == 0, run.stderr
+    entry = calibration.lookup(mine)
+    assert entry["acceptance"][1] > 0  # the pooled acceptance it saw
+    assert calibration.components(entry).draft != cheap.draft  # the costs, rescaled to the steps it timed
+    assert calibration.lookup(dict(mine, batch=2)) is None
+    # A constant schedule or plain decoding neither reads nor writes the file.
+    before = costs_file.read_text()
+    for flags in (["--draft-schedule", "constant"], ["--regular-decode"]):
+        assert run_script("main.py", *models, "--max-tokens", 4, "--prompt", "Close.", *flags).returncode == 0
+    assert costs_file.read_text() == before
+    assert "not with --prompt-lookup" in one_error_line(run_script("main.py", *models, "--calibrate",
+                                                                   "--prompt-lookup"))
