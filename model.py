@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 import cli
 from models import gpt2, llama, t5
+from tokenizer import load as load_tokenizer
 
 MODELS_DIR = Path("mlx_models")
 # Qwen2 is Llama with q/k/v biases (models/llama.py reads model_type for that).
@@ -217,16 +218,18 @@ def load_model(path, dtype=None):
 
 
 def load(path_or_name, dtype=None):
-    """(model, tokenizer) from a converted folder or a name under mlx_models/."""
-    from transformers import AutoTokenizer
+    """(model, tokenizer) from a converted folder or a name under mlx_models/.
 
+    The tokenizer comes from tokenizer.py: read with the `tokenizers` package where the
+    folder's tokenizer.json allows it, transformers' AutoTokenizer otherwise.
+    """
     path = resolve(path_or_name)
     # Without its files transformers would build a T5 tokenizer of a few placeholder pieces.
     if not any((path / name).is_file() for name in ("tokenizer.json", "spiece.model")):
         raise LoadError(f"{path} has no tokenizer.json or spiece.model; convert the model again")
     model = load_model(path, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
     except Exception as error:  # sentencepiece, tokenizers and transformers each raise their own kinds
         raise LoadError(f"the tokenizer in {path} could not be loaded ({cli.first_line(error)}); "
                         f"convert the model again") from None
