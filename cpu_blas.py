@@ -7,6 +7,10 @@ x86-64) is tried first: its one-row products, the whole cost of a decoding step,
 about twice as fast as OpenBLAS's here. Import this module before MLX in every entry
 point. MLX_T5_BLAS=mkl, openblas or reference picks one; the default tries MKL, then
 OpenBLAS. (MLX_T5_NO_OPENBLAS=1, the older switch, means reference.)
+
+Once mlx.core is loaded its BLAS symbols are bound for good, so importing this module
+after it, with a fast BLAS wanted and installed, raises BindingLost (an ImportError)
+that says how to fix the order, instead of running 50x slower unseen.
 """
 
 import ctypes
@@ -37,23 +41,33 @@ def wanted():
     return list(LIBRARIES)
 
 
+class BindingLost(ImportError):
+    """mlx.core was imported before this module could bind a fast BLAS for it."""
+
+
 def load_blas():
-    """Load the first BLAS found with RTLD_GLOBAL; return its file name, or None."""
+    """Load the first BLAS found with RTLD_GLOBAL; return its file name, or None.
+
+    Raises BindingLost when mlx.core is already loaded and one is installed.
+    """
     if not sys.platform.startswith("linux"):
         return None
     families = wanted()
     if not families:
         return None
-    if "mlx.core" in sys.modules:
-        print("warning: cpu_blas imported after mlx.core; the reference BLAS stays", file=sys.stderr)
-        return None
+    late = "mlx.core" in sys.modules  # MLX's BLAS symbols were bound when it loaded
     for family in families:
         for name in LIBRARIES[family]:
             try:
-                ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-                return Path(name).name
+                ctypes.CDLL(name, mode=ctypes.RTLD_LOCAL if late else ctypes.RTLD_GLOBAL)
             except OSError:
                 continue
+            if late:
+                raise BindingLost(
+                    f"mlx.core was imported before cpu_blas could bind {Path(name).name}: MLX's float32 products "
+                    f"would run on the reference BLAS, about 50x slower. Import cpu_blas (or model) first, "
+                    f"before mlx and any module that imports it, or set MLX_T5_BLAS=reference to run on it anyway.")
+            return Path(name).name
     print(
         "warning: neither MKL nor OpenBLAS found; MLX's CPU matmuls will be slow "
         "(pip install mkl, or Debian/Ubuntu: apt-get install libopenblas0-pthread)",

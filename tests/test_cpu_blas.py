@@ -61,3 +61,59 @@ def test_reference_keeps_mlx_own_blas():
     assert found["loaded"] is None
     assert found["owner"] is None or not any(name in found["owner"] for name in ("mkl", "openblas"))
     assert found["error"] < 1e-3
+
+
+def run_python(code, choice=""):
+    env = {"MLX_T5_BLAS": choice, "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def fast_blas_installed():
+    return run_python("import cpu_blas; print(cpu_blas.LOADED)").stdout.strip() != "None"
+
+
+# Modules that import MLX (found in the sources, so new ones are covered too), and what
+# a user's script, a test or another module may import first.
+MLX_MODULES = sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("models/*.py")]
+    if path.name != "cpu_blas.py" and any(line.startswith(("import mlx", "from mlx"))
+                                          for line in path.read_text(encoding="utf-8").splitlines())
+)
+ENTRY_POINTS = [name for name in ("main", "benchmark", "convert", "model", "server", "api") if (ROOT / f"{name}.py").exists()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the binding is for Linux")
+def test_mlx_imported_first_fails_loudly():
+    if not fast_blas_installed():
+        pytest.skip("neither MKL nor OpenBLAS is installed here")
+    result = run_python("import mlx.core; import model")
+    assert result.returncode != 0 and "BindingLost" in result.stderr and "MLX_T5_BLAS=reference" in result.stderr
+    # Asked for, the reference BLAS runs, and its products are right.
+    result = run_python("import mlx.core as mx; import model, cpu_blas; "
+                        "print(cpu_blas.LOADED, mx.allclose(mx.ones((4, 8)) @ mx.ones((8, 3)), mx.full((4, 3), 8.0)).item())",
+                        "reference")
+    assert result.returncode == 0 and result.stdout.split() == ["None", "True"], result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the binding is for Linux")
+@pytest.mark.parametrize("module", MLX_MODULES)
+def test_no_import_order_loses_the_binding_silently(module):
+    """Imported first, each module either binds the fast BLAS before MLX loads, or a later
+    import of the project says so loudly; never the reference BLAS unseen."""
+    if not fast_blas_installed():
+        pytest.skip("neither MKL nor OpenBLAS is installed here")
+    result = run_python(f"import {module}; import cpu_blas, model; print(cpu_blas.LOADED)")
+    bound = result.returncode == 0 and result.stdout.split()[-1] != "None"
+    assert bound or "BindingLost" in result.stderr, (result.stdout, result.stderr)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the binding is for Linux")
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_entry_points_bind_before_mlx(module):
+    if not fast_blas_installed():
+        pytest.skip("neither MKL nor OpenBLAS is installed here")
+    result = run_python(f"import {module}\n{PROBE}")  # the entry point first, then mlx.core and the probe
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["loaded"] and any(name in found["owner"] for name in ("mkl", "openblas")) and found["error"] < 1e-3
