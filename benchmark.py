@@ -37,6 +37,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+import calibration
 import cli
 import decoder
 import drafters
@@ -98,6 +99,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="add a row drafting by prompt lookup (no draft model), adaptive up to the largest g")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting; medians are reported")
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="add a row for the adaptive schedule starting each run from no measured step costs "
+                             "(as on a machine without main.py --calibrate)")
     parser.add_argument("--batch-size", type=int, nargs="+", help="also time batched decoding at these sizes")
     parser.add_argument("--compare-hf", action="store_true",
                         help="also time transformers' greedy and assisted generation (needs torch)")
@@ -230,42 +234,40 @@ class Setting:
     lookup: bool = False
     delta: float = 0.0
     runs: list = field(default_factory=list)
-    chosen: object = None  # the step policy, kept across runs: costs measured once per process
+    calibrated: bool = False  # adaptive: each run starts from `costs`, as on a machine with kept step costs
+    costs: object = None  # policy.Components at batch size 1, measured before the rounds
+
+    def new_policy(self):
+        """A fresh step policy for each run, as each new process starts one."""
+        costs = policy.StepCosts({1: self.costs}) if self.calibrated and self.costs is not None else None
+        return policy.make_policy(self.schedule, self.g, costs)
 
     def run(self, target, draft, prompt_ids, max_tokens, sampling):
         if self.g == 0:
             self.runs.append(run_plain(target, prompt_ids, max_tokens, sampling))
             return
-        if self.chosen is None:
-            self.chosen = policy.make_policy(self.schedule, self.g)
+        chosen = self.new_policy()
         stats, outputs, steps = decoder.Stats(), [], []
         began = time.perf_counter()
         for ids in prompt_ids:
             drafter = drafters.PromptLookupDrafter() if self.lookup else drafters.ModelDrafter(draft)
-            records = list(decoder.speculative_steps(target, drafter, [ids], max_tokens, self.chosen, self.delta,
+            records = list(decoder.speculative_steps(target, drafter, [ids], max_tokens, chosen, self.delta,
                                                      sampling, 1, [stats]))
             outputs.append([token for record in records for token in record.tokens])
             steps.extend(records)
         self.runs.append(Run(time.perf_counter() - began, outputs, stats, steps))
 
 
-def step_time(m, prompt_ids, tokens=1):
-    """Median seconds of one decode call over `tokens` new tokens, on a warmed cache."""
-    cache, _ = m.start([prompt_ids])
-    mx.eval(m.decode(mx.zeros((1, STEP_CONTEXT), mx.int32), cache))
-    new = mx.zeros((1, tokens), mx.int32)
-    times = []
-    for _ in range(STEP_CALLS + 1):  # the first call is a warm-up
-        began = time.perf_counter()
-        mx.eval(m.decode(new, cache))
-        times.append(time.perf_counter() - began)
-        cache.trim(tokens)
-    return statistics.median(times[1:])
+def measure_steps(target, draft, prompt_ids, most, calls=STEP_CALLS):
+    """Step costs as main.py --calibrate measures them (policy.Components, batch size 1): the draft's
+    one-token call, the target's pass over 1 .. most + 1 tokens, the loop's host work."""
+    return calibration.measure(target, draft, prompt_ids, most, 1, calls, STEP_CONTEXT)
 
 
-def measure_steps(target, draft, prompt_ids, most):
-    """Step times: the draft's one-token step and the target's pass over 1 .. most + 1 tokens."""
-    return dict(draft=step_time(draft, prompt_ids), verify={n: step_time(target, prompt_ids, n) for n in range(1, most + 2)})
+def median_costs(measured):
+    """Each component's median over several measurements (policy.Components)."""
+    return policy.Components(statistics.median(c.host for c in measured), statistics.median(c.draft for c in measured),
+                             {n: statistics.median(c.verify[n] for c in measured) for n in measured[0].verify})
 
 
 def per_token_acceptance(runs):
@@ -462,18 +464,8 @@ def benchmark_hf(args, sources, prompt_ids, best_g, progress):
     return results
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine():
-    return dict(platform=platform.platform(), processor=cpu_name(), cpus=os.cpu_count(),
+    return dict(platform=platform.platform(), processor=calibration.processor(), cpus=os.cpu_count(),
                 device=str(mx.default_device()), dtype=str(model.default_dtype()).replace("mlx.core.", ""),
                 mlx=mx.__version__, blas=cpu_blas.LOADED)
 
@@ -693,8 +685,12 @@ def load_pair(args, eps):
 def settings_for(args):
     """Plain, every constant g, the adaptive schedule, each relaxed delta, and prompt lookup."""
     gs, most = sorted(set(args.num_draft)), max(args.num_draft)
-    settings = [Setting("plain", 0)] + [Setting(f"g {g}", g) for g in gs] + [Setting("adaptive", most, "adaptive")]
-    settings += [Setting(f"adaptive, delta {d}", most, "adaptive", delta=d) for d in sorted(set(args.delta)) if d > 0]
+    settings = [Setting("plain", 0)] + [Setting(f"g {g}", g) for g in gs]
+    settings.append(Setting("adaptive", most, "adaptive", calibrated=True))
+    if args.uncalibrated:
+        settings.append(Setting("adaptive, uncalibrated", most, "adaptive"))
+    settings += [Setting(f"adaptive, delta {d}", most, "adaptive", delta=d, calibrated=True)
+                 for d in sorted(set(args.delta)) if d > 0]
     if args.prompt_lookup:
         settings.append(Setting("prompt lookup", most, "adaptive", lookup=True))
     return settings
@@ -719,19 +715,29 @@ def benchmark_pair(args, target, draft, prompt_ids, sampling, progress, scorer=N
     """
     settings = settings_for(args)
     progress.set_postfix_str("warm-up")
-    for setting in settings:  # the adaptive schedules also learn their step costs here
+    for setting in settings:
         setting.run(target, draft, prompt_ids[:1], min(args.max_tokens, 32), sampling)
         setting.runs.clear()
     progress.update(1)
-    progress.set_postfix_str("step times")
-    steps = measure_steps(target, draft, prompt_ids[0], max(args.num_draft))
+    progress.set_postfix_str("step costs")
+    # What a calibrated machine's adaptive runs start from (each run starts afresh, as a new process would).
+    calibrated = measure_steps(target, draft, prompt_ids[0], max(args.num_draft))
+    for setting in settings:
+        setting.costs = calibrated
     progress.update(1)
-    # Rounds: every setting once per round, so drifts of the machine hit all alike.
+    # Rounds: every setting once per round, so drifts of the machine hit all alike; the step
+    # costs that predict the runs' speed are measured in every round too, for the same reason.
+    measured = []
     for round_ in range(args.repeats):
         for setting in settings:
             progress.set_postfix_str(f"round {round_ + 1}: {setting.label}")
             setting.run(target, draft, prompt_ids, args.max_tokens, sampling)
             progress.update(1)
+        progress.set_postfix_str(f"round {round_ + 1}: step costs")
+        measured.append(measure_steps(target, draft, prompt_ids[0], max(args.num_draft),
+                                      max(3, STEP_CALLS // args.repeats)))
+    costs = median_costs(measured)
+    steps = dict(draft=costs.draft, verify=costs.verify)
     plain = settings[0]
     exact = plain.runs[0].outputs
     rows = [summarize(s, plain, steps, sampling.greedy, exact) for s in settings[1:]]
