@@ -112,6 +112,7 @@ class StepCosts:
     kept = 15
     ratios_kept = 31
     trend_weight = 4.0  # the prediction counts as this many samples of a k's own
+    settled = 5  # steps of a k whose median alone is written back as its cost
 
     def __init__(self, components=None):
         self.components = dict(components or {})  # batch size -> Components
@@ -178,10 +179,22 @@ class StepCosts:
         return lambda k: max(mean_t + slope * (k - mean_k), 1e-9)
 
     def calibration(self, batch):
-        """The batch size's Components rescaled by what this process measured (None if uncalibrated)."""
+        """The batch size's Components as this process measured them (None if uncalibrated): rescaled,
+        and where a k has steps of its own, the target's pass at its rows set to what they imply
+        (the steps' median less host and drafts; with fewer than `settled` steps, weighed against
+        the model as the estimates are). A calibration taken while the machine was busy thus
+        mends itself at the ks that runs use."""
         if not self.calibrated(batch):
             return None
-        return self.components[batch].scaled(self.scale(batch))
+        costs = self.components[batch].scaled(self.scale(batch))
+        verify = dict(costs.verify)
+        for (b, k), kept in self.samples.items():
+            rows = (k + 1) * batch
+            if b == batch and kept:
+                implied = max(statistics.median(kept) - costs.host - k * costs.draft, 1e-9)
+                weight = 0.0 if len(kept) >= self.settled else self.trend_weight
+                verify[rows] = (len(kept) * implied + weight * costs.verify_at(rows)) / (len(kept) + weight)
+        return Components(costs.host, costs.draft, verify)
 
 
 def expected_tokens(a, k):

@@ -259,3 +259,17 @@ def test_calibrated_policy_never_tries_a_k_that_cannot_pay(drawn, a, batch, seed
             accepted.append(count)
         chosen.observe(rows, k, [k] * batch, accepted, seconds[k])
     assert best_steps >= 0.85 * 150
+
+
+def test_kept_costs_follow_a_ks_own_steps():
+    """Calibrated while the machine was busy, the 2-row pass looked 3x the 1-row one; steps at k 1 that
+    cost far less move the kept curve at 2 rows towards them (the next run starts from that)."""
+    costs = calibrated(0.0, 0.002, {1: 0.010, 2: 0.030, 3: 0.032})
+    for _ in range(12):
+        costs.record(1, 0, 0.010)
+        costs.record(1, 1, 0.002 + 0.012)
+    kept = costs.calibration(1)
+    assert kept.verify_at(2) < 0.6 * 0.030
+    assert kept.verify_at(1) <= kept.verify_at(2) <= kept.verify_at(3)
+    assert policy.AdaptivePolicy(1, policy.StepCosts({1: kept}), pooled=[7.0, 10.0]).choose([0], 1) == 1
+    assert policy.AdaptivePolicy(1, policy.StepCosts({1: costs.components[1]}), pooled=[7.0, 10.0]).choose([0], 1) == 0
