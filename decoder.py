@@ -188,7 +188,6 @@ def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
     cache, (first,) = model.start([prompt_ids])
 
     def step(token):
-        stats.target_calls += 1
         return choose(model.decode(token.reshape(1, 1), cache)[0, -1], sampling)
 
     token = step(mx.array(first))
@@ -199,6 +198,8 @@ def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
         if upcoming is not None:
             mx.async_eval(upcoming)
         value = token.item()
+        # A pass is counted when its token is read: the one queued past EOS is dropped unread.
+        stats.target_calls += 1
         stats.generated += 1
         stats.seconds = time.perf_counter() - began
         yield value
@@ -312,7 +313,8 @@ def speculative_steps(
         seconds = time.perf_counter() - began
         host = seconds - (verified - drafting)
         if drafter is not None:
-            policy.observe([row.index for row in rows], k, drafted, [r.accepted for r in records], seconds)
+            policy.observe([row.index for row in rows], k, [r.drafted for r in records], [r.accepted for r in records],
+                           seconds)
         finished = []
         for slot, (row, record) in enumerate(zip(rows, records)):
             record.seconds, record.host_seconds = seconds, host
@@ -341,23 +343,30 @@ def draft_and_verify(target, drafter, cache, newest, k, delta, sampling):
 
 
 def settle_row(row, entry, k, drafted, left, eos):
-    """Count one row's step in its stats and say what it emits: its Step record."""
-    accepted, *proposed = entry
-    emitted = proposed[:accepted] + proposed[k : k + 1]
+    """Count one row's step in its stats and say what it emits: its Step record.
+
+    Counts come from what is emitted: drafts after an accepted EOS were judged for
+    nothing (the row ends there), so they count neither as drafted nor as accepted.
+    """
+    count, *proposed = entry
+    emitted = proposed[:count] + proposed[k : k + 1]  # proposed[k]: the target's token after the prefix
     tokens = []
     for value in emitted[:left]:
         tokens.append(value)
         if value == eos:
             break
+    accepted = min(count, drafted)
+    if len(tokens) <= accepted:  # the row ended inside the accepted drafts
+        accepted = drafted = len(tokens)
     row.stats.target_calls += 1
     row.stats.draft_calls += drafted
     row.stats.drafted += drafted
-    row.stats.accepted += min(accepted, drafted)
+    row.stats.accepted += accepted
     row.stats.generated += len(tokens)
     row.generated += len(tokens)
     row.newest = tokens[-1]
     finished = len(tokens) >= left or tokens[-1] == eos
-    return Step(row.index, tokens, k, drafted, min(accepted, drafted), finished, 0.0, 0.0)
+    return Step(row.index, tokens, k, drafted, accepted, finished, 0.0, 0.0)
 
 
 def as_drafter(draft):

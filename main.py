@@ -20,6 +20,7 @@ import decoder
 import drafters
 import model
 import policy
+from textstream import TextStream, text_of
 
 DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
 
@@ -113,7 +114,7 @@ def check(args):
 def read_prompt_file(path):
     """The "prompt" fields of a JSON-lines file."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = open(path, encoding="utf-8-sig").read().splitlines()  # -sig: editors may write a byte-order mark
     except OSError as error:
         raise UsageError(f"cannot read --prompt-file {path}: {error.strerror}") from None
     except UnicodeDecodeError:
@@ -198,15 +199,6 @@ def calibrate(args, target, draft, prompt_ids):
     print(f"kept in {calibration.path()}")
 
 
-def text_of(tokenizer, tokens):
-    """The text of tokens, special tokens (EOS) left out.
-
-    Without transformers' clean-up of spaces (" n't" -> "n't"): sentencepiece keeps the
-    spacing itself, and the clean-up could change text that has already been streamed.
-    """
-    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
 def summary(stats, seconds, speculative):
     """One line: tokens, tokens per second, acceptance, target calls."""
     tokens = sum(s.generated for s in stats)
@@ -221,16 +213,13 @@ def summary(stats, seconds, speculative):
 
 def stream(steps, tokenizer, stats, speculative):
     """Print each prompt's text as its tokens are decided (batch size 1: one prompt at a time), then its summary."""
-    tokens, shown = [], ""
+    text = TextStream(tokenizer)
     for step in steps:
-        tokens += step.tokens
-        # Decode the whole list: sentencepiece pieces decoded one by one lose their spaces.
-        text = text_of(tokenizer, tokens)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
+        print(text.add(step.tokens), end="", flush=True)
         if step.finished:
-            print("\n" + summary([stats[step.index]], stats[step.index].seconds, speculative), flush=True)
-            tokens, shown = [], ""
+            print(text.finish() + "\n" + summary([stats[step.index]], stats[step.index].seconds, speculative),
+                  flush=True)
+            text = TextStream(tokenizer)
 
 
 def print_json(steps, tokenizer, prompts, stats):
@@ -255,7 +244,8 @@ def print_json(steps, tokenizer, prompts, stats):
 def run(args):
     """Check the arguments, load the models once, and decode every prompt."""
     check(args)
-    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt or DEFAULT_PROMPT]
+    prompts = (read_prompt_file(args.prompt_file) if args.prompt_file
+               else [DEFAULT_PROMPT if args.prompt is None else args.prompt])  # "" is a prompt too
     own_draft = not (args.regular_decode or args.prompt_lookup)
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None)
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]

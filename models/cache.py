@@ -123,7 +123,10 @@ class Cache:
         prompt) goes into `fresh.offset` new slots, hidden for every other row.
         """
         index, count = mx.array(rows), fresh.offset
-        self.positions[index] = HIDDEN_POSITION
+        if self.positions.size:
+            # Guarded: MLX's scatter into an array of zero size dies with SIGFPE (a row
+            # replaced before the cache ever decoded, e.g. a draft that only saw k 0 steps).
+            self.positions[index] = HIDDEN_POSITION
         self.lengths[np.asarray(rows)] = fresh.lengths
         if count == 0:
             return

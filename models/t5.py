@@ -277,7 +277,12 @@ class Model(nn.Module, TokenIds):
         return self.encoder(self.shared(input_ids), mask)
 
     def start(self, prompts):
-        """(cache, first decoder inputs) for prompts (lists of token ids), encoded in one padded pass."""
+        """(cache, first decoder inputs) for prompts (lists of token ids), encoded in one padded pass.
+
+        An empty prompt is encoded as EOS alone, which is what T5's tokenizer makes of empty
+        text (the encoder cannot attend over nothing).
+        """
+        prompts = [list(ids) or [self.eos_token_id] for ids in prompts]
         width = max(len(ids) for ids in prompts)
         ids = mx.array([ids + [0] * (width - len(ids)) for ids in prompts])
         mask = mx.array([[1] * len(ids) + [0] * (width - len(ids)) for ids in prompts])
