@@ -25,16 +25,19 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
 import mlx.core as mx
+from tabulate import tabulate
 from tqdm import tqdm
 
 import calibration
@@ -48,7 +51,7 @@ import synthetic
 from files import write_atomically
 from main import UsageError, guarded, load_models, read_prompt_file, require, require_models, text_of
 
-# Two prompts x 128 tokens x 3 repeats keep the default run within a few minutes here.
+# Two prompts x 128 tokens x 3 repeats keep the full run (--full) within a few minutes here.
 PROMPTS = [
     "Return a new dictionary initialized from an optional positional argument and keyword arguments.",
     "Create a new parser object with the given description, then add the arguments the program accepts.",
@@ -72,6 +75,13 @@ FAMILY_SHAPES = {"t5": dict(d_ff=1024, gated=True), "gpt2": {}, "llama": {}}
 # cache holds while they run: about the middle of a default 128-token generation.
 STEP_CALLS = 21
 STEP_CONTEXT = 64
+# The default run shows plain, a few g, adaptive and the verdict in under two minutes on a
+# 2-core CPU, the pair's build included; --full sweeps g 1..8 over twice the tokens.
+QUICK = dict(num_draft=[1, 2, 4], max_tokens=64, repeats=3)
+FULL = dict(num_draft=list(range(1, 9)), max_tokens=128, repeats=3)
+# Past these the machine was too busy, or the repeats too scattered, for a verdict.
+BUSY_SHARE = 0.25  # of the machine's CPU time, taken by other processes during the run
+NOISY_SPREAD = 0.15  # half the range of the repeats, relative to their median
 
 
 def parse_args(argv=None):
@@ -89,16 +99,23 @@ def parse_args(argv=None):
     parser.add_argument("--eval-limit", type=int, help="--eval: score only the first N prompts")
     parser.add_argument("--samples", type=int, default=3,
                         help="--eval with --temperature above 0: seeds per setting for the quality's mean and spread")
-    parser.add_argument("--num-draft", type=int, nargs="+", default=list(range(1, 9)),
-                        help="g values: drafts per step for the constant schedule; the largest caps the adaptive one")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt")
+    parser.add_argument("--full", action="store_true",
+                        help=f"the full sweep: --num-draft 1 .. 8 --max-tokens {FULL['max_tokens']} "
+                             f"(default: a quick run, --num-draft {' '.join(map(str, QUICK['num_draft']))} "
+                             f"--max-tokens {QUICK['max_tokens']})")
+    parser.add_argument("--num-draft", type=int, nargs="+",
+                        help="g values: drafts per step for the constant schedule; the largest caps the adaptive one "
+                             f"(default: {' '.join(map(str, QUICK['num_draft']))}; with --full 1 .. 8)")
+    parser.add_argument("--max-tokens", type=int,
+                        help=f"tokens per prompt (default: {QUICK['max_tokens']}; with --full {FULL['max_tokens']})")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--delta", type=float, nargs="+", default=[0.0],
                         help="acceptance relaxations: each value above 0 adds an adaptive row and says how far "
                              "its output departs from the exact (delta 0) output")
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="add a row drafting by prompt lookup (no draft model), adaptive up to the largest g")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting; medians are reported")
+    parser.add_argument("--repeats", type=int, help=f"timed runs per setting; medians are reported (default: "
+                                                      f"{QUICK['repeats']})")
     parser.add_argument("--uncalibrated", action="store_true",
                         help="add a row for the adaptive schedule starting each run from no measured step costs "
                              "(as on a machine without main.py --calibrate)")
@@ -108,6 +125,8 @@ def parse_args(argv=None):
     parser.add_argument("--hf-model", help="with --model and --compare-hf: the Hugging Face checkpoint of the target")
     parser.add_argument("--hf-draft-model", help="with --draft-model and --compare-hf: that of the draft")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--markdown", metavar="FILE.md",
+                        help="also write the report with every column and the legend, as markdown tables")
     parser.add_argument("--plot", help="draw speedup and acceptance against g into this PNG (matplotlib)")
     parser.add_argument("--eps", type=float, nargs="+",
                         help="synthetic pair: how far the target strays from the draft (the scale of its extra "
@@ -121,6 +140,9 @@ def parse_args(argv=None):
     parser.add_argument("--family", choices=sorted(FAMILY_SHAPES), default="t5", help="synthetic pair: model family")
     parser.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: the transformers child process
     args = parser.parse_args(argv)
+    for name, value in (FULL if args.full else QUICK).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.eps is None:  # the preset's target is wider: the same eps strays much further there
         args.eps = [synthetic.PRESET_EPS if args.preset else PAIR["eps"]]
     return args
@@ -158,6 +180,7 @@ def check(args):
         (all(e >= 0 for e in args.eps), "--eps values must not be negative"),
         (writable(args.json), f"--json: no folder for {args.json}"),
         (writable(args.plot), f"--plot: no folder for {args.plot}"),
+        (writable(args.markdown), f"--markdown: no folder for {args.markdown}"),
     ])
     if args.plot:
         try:
@@ -278,13 +301,15 @@ def per_token_acceptance(runs):
     """
     accepted = sum(r.stats.accepted for r in runs)
     rejections = sum(r.rejections for r in runs)
-    return accepted / (accepted + rejections) if accepted + rejections else 0.0
+    return accepted / (accepted + rejections) if accepted + rejections else None  # undefined: nothing judged
 
 
 def spread(values):
-    """(median, relative half-range) of repeated measurements: how far apart the repeats lie."""
+    """(median, relative half-range) of repeated measurements: how far apart the repeats lie
+    (None for a single measurement, which has no spread)."""
     middle = statistics.median(values)
-    return middle, (max(values) - min(values)) / 2 / middle if middle else 0.0
+    return middle, (max(values) - min(values)) / 2 / middle if middle and len(values) > 1 else None
+
 def summarize(setting, plain, steps, greedy, exact_outputs):
     """One row of the table: medians of the runs, the theory, the measured-cost prediction, host work."""
     g, runs = setting.g, setting.runs
@@ -293,6 +318,7 @@ def summarize(setting, plain, steps, greedy, exact_outputs):
     accepted = sum(r.stats.accepted for r in runs)
     drafted = sum(r.stats.drafted for r in runs)
     a = per_token_acceptance(runs)
+    known = a or 0.0  # nothing judged: predict no gain from drafting
     tokens_per_second, noise = spread([r.tokens_per_second for r in runs])
     plain_tokens_per_second = statistics.median(r.tokens_per_second for r in plain.runs)
     wall = tokens_per_second / plain_tokens_per_second
@@ -306,8 +332,8 @@ def summarize(setting, plain, steps, greedy, exact_outputs):
     # A constant schedule drafts g; an adaptive one may draft any k up to g, so its
     # predictions are the best over those k (what the right constant would reach).
     ks = range(1, g + 1) if setting.schedule == "adaptive" else [g]
-    predicted = max(predicted_speedup(a, k, c) for k in ks)
-    predicted_measured = max(predicted_speedup(a, k, c, verify_cost(k)) for k in ks)
+    predicted = max(predicted_speedup(known, k, c) for k in ks)
+    predicted_measured = max(predicted_speedup(known, k, c, verify_cost(k)) for k in ks)
     all_steps = [s for r in runs for s in r.steps]
     step_ms = statistics.median(r.seconds / r.stats.target_calls for r in runs) * 1e3
     draft_ms = sum(r.stats.draft_calls for r in runs) / calls * steps["draft"] * 1e3 if not setting.lookup else 0.0
@@ -315,7 +341,7 @@ def summarize(setting, plain, steps, greedy, exact_outputs):
     outputs_same = [r.outputs == exact_outputs for r in runs]
     return dict(
         label=setting.label, num_draft=g, schedule=setting.schedule, drafter="lookup" if setting.lookup else "model",
-        delta=setting.delta, acceptance_rate=accepted / drafted if drafted else 0.0, alpha=a,
+        delta=setting.delta, acceptance_rate=accepted / drafted if drafted else None, alpha=a,
         tokens=runs[0].stats.generated, tokens_per_second=tokens_per_second, tokens_per_second_spread=noise,
         wall_speedup=wall, target_pass_speedup=generated / calls / plain_per_call, tokens_per_call=generated / calls,
         predicted_speedup=predicted, efficiency=wall / predicted,
@@ -486,22 +512,113 @@ def identical_line(results):
 
 
 def best_line(results):
-    """Which setting was fastest, and whether the runner-up lies within the repeats' spread."""
+    """Which setting was fastest, and whether the runner-up lies within the repeats' spread;
+    or, when the timings cannot be trusted, why, and no verdict."""
+    reasons = results["trust"]["reasons"]
+    if reasons:
+        return ("No verdict: these timings cannot be trusted, because " + "; ".join(reasons)
+                + ". Rerun on a quiet machine.")
     rows = sorted((r for r in results["speculative"] if r["delta"] == 0), key=lambda r: -r["tokens_per_second"])
     best = rows[0]
     line = f"Fastest: {best['label']} at {best['tokens_per_second']:.1f} tok/s"
     if len(rows) > 1:
         runner = rows[1]
         gap = best["tokens_per_second"] / runner["tokens_per_second"] - 1
+        line += f"; next {runner['label']} at {runner['tokens_per_second']:.1f} ({gap:.1%} slower, "
+        if results["repeats"] == 1:
+            return line + "one repeat: no spread to weigh it against)."
         noise = max(best["tokens_per_second_spread"], runner["tokens_per_second_spread"])
-        verdict = "within" if gap <= noise else "beyond"
-        line += (f"; next {runner['label']} at {runner['tokens_per_second']:.1f} ({gap:.1%} slower, {verdict} the "
-                 f"repeats' spread of +-{noise:.1%})")
+        line += f"{'within' if gap <= noise else 'beyond'} the repeats' spread of +-{noise:.1%})"
     return line + "."
 
 
-def table(results):
-    """The results as plain-text tables (markdown pipes), the way speculative decoding papers print them."""
+def cpu_times():
+    """(wall s, this process's CPU s, the machine's busy CPU s or None, CPUs counted, 1-minute load average)."""
+    busy, cpus = None, os.cpu_count()
+    try:  # Linux: every CPU's time since boot, in clock ticks; steal is time a hypervisor gave others
+        lines = Path("/proc/stat").read_text().splitlines()
+        user, nice, system, _, _, irq, softirq, steal = map(int, lines[0].split()[1:9])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        cpus = sum(1 for line in lines if re.match(r"cpu\d", line))
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.perf_counter(), time.process_time(), busy, cpus, os.getloadavg()[0]
+
+
+def machine_load(start, end):
+    """What the run shared the machine with, between two cpu_times(): other processes' share
+    of its CPU time (None where the system does not say) and the load averages."""
+    wall, own = end[0] - start[0], end[1] - start[1]
+    others = None
+    if start[2] is not None and end[2] is not None and wall > 0:
+        others = max(0.0, end[2] - start[2] - own) / (wall * end[3])
+    return dict(cpus=end[3], others_cpu_share=others, load_average=[start[4], end[4]])
+
+
+def distrust(results):
+    """Why these timings cannot be trusted: a busy machine, scattered repeats, impossible step costs."""
+    reasons = []
+    load = results["load"]
+    if load["others_cpu_share"] is not None and load["others_cpu_share"] > BUSY_SHARE:
+        reasons.append(f"other processes took {load['others_cpu_share']:.0%} of the machine's CPU time during the "
+                       f"run (load average {load['load_average'][1]:.1f} on {load['cpus']} CPUs)")
+    elif load["others_cpu_share"] is None and min(load["load_average"]) - 1 > BUSY_SHARE * load["cpus"]:
+        reasons.append(f"the load average stayed at {min(load['load_average']):.1f} on {load['cpus']} CPUs")
+    plain = [results["plain"]["tokens"] / s for s in results["plain"]["seconds"]]
+    spreads = [("plain", spread(plain)[1])] + [(r["label"], r["tokens_per_second_spread"]) for r in results["speculative"]]
+    label, worst = max(((k, v) for k, v in spreads if v is not None), key=lambda kv: kv[1], default=(None, None))
+    if worst is not None and worst > NOISY_SPREAD:
+        reasons.append(f"repeats of one setting scatter by +-{worst:.0%} ({label}; a quiet machine stays within "
+                       f"+-{NOISY_SPREAD:.0%})")
+    one = results["verify_ms"]["1"]
+    dear = [(int(n), ms / one) for n, ms in results["verify_ms"].items() if ms / one > int(n)]
+    if dear:
+        n, cost = dear[-1]
+        reasons.append(f"a target pass over {n} tokens measured {cost:.1f} one-token steps (a pass over n tokens "
+                       f"costs at most n)")
+    return reasons
+
+
+def ratio(value, spec=".2f", suffix=""):
+    """A ratio as text; n/a where it is undefined (a zero denominator: nothing drafted, one repeat)."""
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def plus_minus(spread):
+    """The repeats' spread as text; n/a for one repeat."""
+    return "n/a" if spread is None else f"+-{spread:.0%}"
+
+
+def grid(headers, rows, markdown):
+    """A table: markdown pipes for --markdown, aligned columns for a terminal."""
+    return tabulate(rows, headers, tablefmt="github" if markdown else "simple", disable_numparse=True).splitlines()
+
+
+def settings_table(results, markdown):
+    """The settings' rows: every column for --markdown; those that fit 100 columns for a terminal."""
+    rows = results["speculative"]
+    if markdown:
+        headers = ["setting", "acceptance", "a", "tokens/s (+-)", "wall speedup", "target-pass speedup", "theory",
+                   "efficiency", "measured-cost prediction", "efficiency", "host ms", "identical"]
+        return grid(headers, [[r["label"], ratio(r["acceptance_rate"]), ratio(r["alpha"]),
+                               f"{r['tokens_per_second']:.1f} ({plus_minus(r['tokens_per_second_spread'])})",
+                               f"{r['wall_speedup']:.2f}x", f"{r['target_pass_speedup']:.2f}x",
+                               f"{r['predicted_speedup']:.2f}x", f"{r['efficiency']:.2f}",
+                               f"{r['predicted_with_verify_cost']:.2f}x", f"{r['efficiency_with_verify_cost']:.2f}",
+                               f"{r['host_ms']:.2f}", identical(r)] for r in rows], True)
+    headers = ["setting", "a", "tok/s", "+-", "speedup", "passes", "predicted", "efficiency", "exact"]
+    return grid(headers, [[r["label"], ratio(r["alpha"]), f"{r['tokens_per_second']:.1f}",
+                           plus_minus(r["tokens_per_second_spread"]), f"{r['wall_speedup']:.2f}x",
+                           f"{r['target_pass_speedup']:.2f}x", f"{r['predicted_with_verify_cost']:.2f}x",
+                           f"{r['efficiency_with_verify_cost']:.2f}", identical(r)] for r in rows], False)
+
+
+def identical(row):
+    return "n/a" if row["identical"] is None else "yes" if row["identical"] else "NO"
+
+
+def table(results, markdown=False):
+    """The results as text: tables that fit a terminal, or (markdown) every column as markdown tables with the legend."""
     p, info, rows = results["plain"], results["machine"], results["speculative"]
     steps = results["verify_ms"]
     lines = [
@@ -516,25 +633,21 @@ def table(results):
         "Target pass over n tokens, in target steps: "
         + ", ".join(f"n {n}: {ms / steps['1']:.2f}" for n, ms in steps.items()) + ".",
         "",
-        "| setting | acceptance | a | tokens/s (+-) | wall speedup | target-pass speedup | theory | efficiency | "
-        "measured-cost prediction | efficiency | host ms | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        same = "n/a" if r["identical"] is None else "yes" if r["identical"] else "NO"
-        lines.append(
-            f"| {r['label']} | {r['acceptance_rate']:.2f} | {r['alpha']:.2f} | {r['tokens_per_second']:.1f} "
-            f"(+-{r['tokens_per_second_spread']:.0%}) | {r['wall_speedup']:.2f}x | {r['target_pass_speedup']:.2f}x | "
-            f"{r['predicted_speedup']:.2f}x | {r['efficiency']:.2f} | {r['predicted_with_verify_cost']:.2f}x | "
-            f"{r['efficiency_with_verify_cost']:.2f} | {r['host_ms']:.2f} | {same} |"
-        )
-    lines += [
+        *settings_table(results, markdown),
         "",
-        "acceptance = accepted / drafted; a = per-token acceptance, accepted / (accepted + rejections); "
-        "wall speedup = tokens/s against plain; target-pass speedup = tokens per target pass against plain; "
-        "theory = (1 - a**(g+1)) / ((1 - a) * (g*c + 1)); measured-cost prediction = the same with the measured "
-        "verify(g+1) in place of 1 (adaptive rows: the best k up to g); efficiency = wall speedup / prediction; "
-        "host ms = the loop's own work per step (median), timed inside it; (+-) = half the range of the repeats.",
+    ]
+    if markdown:
+        lines.append(
+            "acceptance = accepted / drafted; a = per-token acceptance, accepted / (accepted + rejections); "
+            "wall speedup = tokens/s against plain; target-pass speedup = tokens per target pass against plain; "
+            "theory = (1 - a**(g+1)) / ((1 - a) * (g*c + 1)); measured-cost prediction = the same with the measured "
+            "verify(g+1) in place of 1 (adaptive rows: the best k up to g); efficiency = wall speedup / prediction; "
+            "host ms = the loop's own work per step (median), timed inside it; (+-) = half the range of the repeats; "
+            "n/a = undefined (nothing drafted, or one repeat).")
+    else:
+        lines += ["a = per-token acceptance; speedup = tok/s against plain; passes = fewer target passes; predicted",
+                  "= from the costs measured here; +- = half the repeats' range. --markdown FILE: every column."]
+    lines += [
         best_line(results),
         identical_line(results),
     ]
@@ -552,27 +665,35 @@ def table(results):
                   "|---|---|---|---|---|"]
         for r in relaxed:
             d = r["departure"]
-            lines.append(f"| {r['delta']} | {r['wall_speedup']:.2f}x | {r['acceptance_rate']:.2f} | "
+            lines.append(f"| {r['delta']} | {r['wall_speedup']:.2f}x | {ratio(r['acceptance_rate'])} | "
                          f"{d['identical_prompts']} of {d['prompts']} | {d['first_difference']} |")
     if "eval" in results:
         lines += ["", *quality.table_lines(results)]
     if results.get("batches"):
-        lines += ["", *batch_table(results)]
+        lines += ["", *batch_table(results, markdown)]
     if results.get("hf"):
         lines += ["", *hf_table(results)]
-    return "\n".join(lines)
+    return "\n".join(lines if markdown else fit(lines))
 
 
-def batch_table(results):
-    lines = ["Batched decoding (16 prompts; constant schedule at its fastest g for each batch size):", "",
-             "| batch size | plain tok/s | g | constant tok/s | adaptive tok/s | constant vs plain | "
-             "adaptive vs plain | constant vs its batch size 1 |", "|---|---|---|---|---|---|---|---|"]
+def fit(lines, width=100):
+    """Lines of prose wrapped to a terminal's width (tables' rows, with "|" or column gaps, stay whole)."""
+    prose = lambda line: len(line) > width and "|" not in line and "  " not in line  # noqa: E731
+    return [part for line in lines for part in (textwrap.wrap(line, width) if prose(line) else [line])]
+
+
+def batch_table(results, markdown=True):
+    headers = (["batch size", "plain tok/s", "g", "constant tok/s", "adaptive tok/s", "constant vs plain",
+                "adaptive vs plain", "constant vs its batch size 1"] if markdown else
+               ["batch", "plain", "g", "constant", "adaptive", "constant/plain", "adaptive/plain", "vs batch 1"])
     single = results["batches"][0]["speculative_tokens_per_second"]
+    rows = []
     for b in results["batches"]:
         fast, plain, adaptive = b["speculative_tokens_per_second"], b["plain_tokens_per_second"], b["adaptive_tokens_per_second"]
-        lines.append(f"| {b['batch_size']} | {plain:.1f} | {b['num_draft']} | {fast:.1f} | {adaptive:.1f} | "
-                     f"{fast / plain:.2f}x | {adaptive / plain:.2f}x | {fast / single:.2f}x |")
-    return lines
+        rows.append([b["batch_size"], f"{plain:.1f}", b["num_draft"], f"{fast:.1f}", f"{adaptive:.1f}",
+                     f"{fast / plain:.2f}x", f"{adaptive / plain:.2f}x", f"{fast / single:.2f}x"])
+    return ["Batched decoding, tokens/s (16 prompts; constant schedule at its fastest g for each batch size):", "",
+            *grid(headers, rows, markdown)]
 
 
 def hf_table(results):
@@ -610,7 +731,7 @@ def sweep_table(sweep):
         rows = results["speculative"]
         constant = max((r for r in rows if r["schedule"] == "constant"), key=lambda r: r["tokens_per_second"])
         adaptive = next(r for r in rows if r["label"] == "adaptive")
-        lines.append(f"| {eps} | {adaptive['alpha']:.2f} | {results['plain']['tokens_per_second']:.1f} | "
+        lines.append(f"| {eps} | {ratio(adaptive['alpha'])} | {results['plain']['tokens_per_second']:.1f} | "
                      f"{constant['label']} | {constant['wall_speedup']:.2f}x | {adaptive['wall_speedup']:.2f}x | "
                      f"{adaptive['tokens_per_second'] / constant['tokens_per_second']:.2f}x |")
     return "\n".join(lines)
@@ -636,7 +757,7 @@ def plot(results, path):
                label="target-pass speedup")
     speed.plot(g, [r["predicted_speedup"] for r in rows], "kx", label="theory at each g's measured a")
     # The theory curve at the acceptance pooled over all g.
-    a = results["alpha_pooled"]
+    a = results["alpha_pooled"] or 0.0  # None: no draft was judged
     dense = [1 + i * (max(g) - 1 + 1e-9) / 100 for i in range(101)] if max(g) > 1 else [1]
     speed.plot(dense, [predicted_speedup(a, x, c) for x in dense], "k:", label=f"theory, a = {a:.2f}, c = {c:.3f}")
     speed.plot(g, [r["predicted_with_verify_cost"] for r in rows], "+", color="tab:red",
@@ -770,6 +891,7 @@ def run_one(args, prompts, eps, progress, evaluation=None):
     sampling = decoder.Sampling(args.temperature)
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     began = time.perf_counter()
+    start = cpu_times()
     results = dict(machine=machine(), pair=pair, eps=eps if args.model is None else None,
                    target_parameters=parameters(sources["target"]), draft_parameters=parameters(sources["draft"]),
                    prompts=len(prompts),
@@ -787,6 +909,9 @@ def run_one(args, prompts, eps, progress, evaluation=None):
         results["batches"] = benchmark_batches(args, target, draft, prompt_ids, results["best_num_draft"], sampling,
                                                progress)
     results["seconds"] = time.perf_counter() - began
+    results["load"] = machine_load(start, cpu_times())  # the transformers child below is not timed against it
+    results["trust"] = dict(reasons=distrust(results))
+    results["trust"]["trusted"] = not results["trust"]["reasons"]
     if args.compare_hf:
         results["hf"] = benchmark_hf(args, sources, prompt_ids, results["best_num_draft"], progress)
         results["seconds_with_hf"] = time.perf_counter() - began
@@ -810,12 +935,19 @@ def run(args):
     if evaluation:
         prompts = [example.prompt for example in evaluation[0]]
     require_models(args.model, args.draft_model)
+    if args.model is None and not args.preset:  # built before the progress bar, each message on its own line
+        for eps in args.eps:
+            synthetic_pair(eps, args.layers, args.d_model, args.family)
     settings = len(settings_for(args))
     units = len(args.eps) * (2 + args.repeats * settings + len(args.batch_size or [])
                              + len(hf_tasks(args, 1)) * args.compare_hf + bool(args.eval))
     with tqdm(total=units, desc="benchmark", file=sys.stderr, dynamic_ncols=True) as progress:
         sweep = [(eps, run_one(args, prompts, eps, progress, evaluation)) for eps in args.eps]
     print("\n\n".join(table(results) for _, results in sweep))
+    if args.markdown:
+        report = "\n\n".join(table(results, markdown=True) for _, results in sweep)
+        report += "\n\n" + sweep_table(sweep) + "\n" if len(sweep) > 1 else "\n"
+        write_atomically(args.markdown, "w", lambda f: f.write(report))
     if len(sweep) > 1:
         print("\n" + sweep_table(sweep))
     output = sweep[0][1] if len(sweep) == 1 else dict(sweep=[results for _, results in sweep])

@@ -3,6 +3,8 @@ ratios printed as such, family mismatches named, the quick benchmark and its gua
 
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import benchmark
 import convert
 import files
 import synthetic
@@ -82,3 +85,65 @@ def test_the_tests_keep_their_own_synthetic_cache():
     default = Path(tempfile.gettempdir()) / "t5-speculative-synthetic"
     assert synthetic.CACHE.resolve() != default.resolve()
     assert synthetic.CACHE == Path(os.environ["MLX_T5_SYNTHETIC_CACHE"])
+
+
+# The benchmark: a quick default run, the full sweep behind --full, and no verdict from untrustworthy timings.
+
+def test_quick_default_and_full_sweep():
+    quick, full = benchmark.parse_args([]), benchmark.parse_args(["--full"])
+    assert (quick.num_draft, quick.max_tokens, quick.repeats) == ([1, 2, 4], 64, 3)
+    assert (full.num_draft, full.max_tokens) == (list(range(1, 9)), 128)
+    mine = benchmark.parse_args(["--full", "--num-draft", "3", "--max-tokens", "9", "--repeats", "1"])
+    assert (mine.num_draft, mine.max_tokens, mine.repeats) == ([3], 9, 1)
+    # Plain, a few g and adaptive: what the default run shows.
+    assert [s.label for s in benchmark.settings_for(quick)] == ["plain", "g 1", "g 2", "g 4", "adaptive"]
+
+
+def results_like(others=0.05, spreads=(0.03, 0.04), verify=(10.0, 13.0, 16.0), repeats=3):
+    """The fields distrust() and best_line() read, as a quiet or a busy run would leave them."""
+    rows = [dict(label=f"g {i + 1}", delta=0, tokens_per_second=50.0 + i, tokens_per_second_spread=s)
+            for i, s in enumerate(spreads)]
+    return dict(load=dict(cpus=2, others_cpu_share=others, load_average=[0.5, 1.2]), repeats=repeats,
+                plain=dict(tokens=256, seconds=[6.0, 6.1, 6.05][:repeats]), speculative=rows,
+                verify_ms={str(n + 1): ms for n, ms in enumerate(verify)})
+
+
+def verdict(**kwargs):
+    results = results_like(**kwargs)
+    results["trust"] = dict(reasons=benchmark.distrust(results))
+    return results["trust"]["reasons"], benchmark.best_line(results)
+
+
+def test_a_quiet_run_gets_a_verdict():
+    reasons, line = verdict()
+    assert reasons == [] and line.startswith("Fastest: g 2") and "within the repeats' spread of +-4.0%" in line
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    (dict(others=0.6), "other processes took 60% of the machine's CPU time"),
+    (dict(spreads=(0.03, 1.69)), "scatter by +-169% (g 2"),
+    (dict(verify=(10.0, 13.0, 43.0)), "a target pass over 3 tokens measured 4.3 one-token steps"),
+])
+def test_untrustworthy_timings_get_no_verdict(kwargs, why):
+    reasons, line = verdict(**kwargs)
+    assert len(reasons) == 1 and why in reasons[0]
+    assert line.startswith("No verdict") and why in line and "Fastest" not in line
+
+
+def test_one_repeat_has_no_spread():
+    assert benchmark.spread([42.0]) == (42.0, None) and benchmark.spread([40.0, 44.0]) == (42.0, 2 / 42)
+    reasons, line = verdict(spreads=(None, None), repeats=1)
+    assert reasons == [] and "+-0.0%" not in line and "one repeat" in line
+    assert benchmark.plus_minus(None) == "n/a" and benchmark.ratio(None) == "n/a"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the machine's CPU time comes from /proc/stat")
+def test_other_processes_cpu_time_is_measured():
+    start = benchmark.cpu_times()
+    burn = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    children = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(os.cpu_count() or 1)]
+    for child in children:
+        child.wait()
+    load = benchmark.machine_load(start, benchmark.cpu_times())
+    # Children are other processes: they kept the CPUs busy for most of the window.
+    assert load["cpus"] >= 1 and load["others_cpu_share"] > 0.5
