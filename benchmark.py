@@ -935,9 +935,9 @@ def run(args):
     if evaluation:
         prompts = [example.prompt for example in evaluation[0]]
     require_models(args.model, args.draft_model)
-    if args.model is None and not args.preset:  # built before the progress bar, each message on its own line
-        for eps in args.eps:
-            synthetic_pair(eps, args.layers, args.d_model, args.family)
+    pairs = []  # built before the progress bar, each message on its own line
+    if args.model is None and not args.preset:
+        pairs = [synthetic_pair(eps, args.layers, args.d_model, args.family) for eps in args.eps]
     settings = len(settings_for(args))
     units = len(args.eps) * (2 + args.repeats * settings + len(args.batch_size or [])
                              + len(hf_tasks(args, 1)) * args.compare_hf + bool(args.eval))
@@ -950,6 +950,9 @@ def run(args):
         write_atomically(args.markdown, "w", lambda f: f.write(report))
     if len(sweep) > 1:
         print("\n" + sweep_table(sweep))
+    if pairs:
+        print(f"\nmain.py on this pair (random weights: the text is nonsense, the speed and exactness are real):\n"
+              f"python main.py --model {pairs[0]['target']} --draft-model {pairs[0]['draft']} --prompt \"{PROMPTS[0]}\"")
     output = sweep[0][1] if len(sweep) == 1 else dict(sweep=[results for _, results in sweep])
     if args.json:
         write_atomically(args.json, "w", lambda f: json.dump(output, f, indent=2))

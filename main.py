@@ -23,6 +23,8 @@ import policy
 from textstream import TextStream, text_of
 
 DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
+OFFLINE = ("or see it work offline first: python benchmark.py builds a small synthetic pair in a minute and ends "
+           "with the main.py command that runs on it")
 
 
 class UsageError(Exception):
@@ -61,7 +63,8 @@ def build_parser():
     parser = cli.ArgumentParser(
         description="Speculative decoding on MLX: a small draft model proposes tokens, a large target checks them. "
                     "Models of one family and one tokenizer: T5 (encoder-decoder), or causal GPT-2 and "
-                    "Llama-family models (TinyLlama, Llama 3.x, Qwen2.5, DeepSeek-Coder).")
+                    "Llama-family models (TinyLlama, Llama 3.x, Qwen2.5, DeepSeek-Coder). No models yet? "
+                    "python benchmark.py builds a synthetic pair offline and prints the main.py command for it.")
     parser.add_argument("--model", default="t5-11b", metavar="NAME_OR_DIR",
                         help="target: converted folder or name under mlx_models/")
     parser.add_argument("--draft-model", default="t5-small", metavar="NAME_OR_DIR",
@@ -142,6 +145,14 @@ def require_models(*paths):
         raise UsageError(str(model.not_found(missing)))
 
 
+def require_default_models(args):
+    """With main.py's default target not converted: one line that also shows the offline way in."""
+    if args.model != build_parser().get_default("model") or model.find(args.model) is not None:
+        return
+    wanted = [args.model] + ([] if args.regular_decode or args.prompt_lookup else [args.draft_model])
+    raise UsageError(f"{model.not_found([name for name in wanted if model.find(name) is None])}; {OFFLINE}")
+
+
 def load_models(target_path, draft_path=None):
     """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError."""
     require_models(target_path, draft_path)
@@ -150,6 +161,10 @@ def load_models(target_path, draft_path=None):
         draft, draft_tokenizer = (None, None) if draft_path is None else model.load(draft_path)
     except model.LoadError as error:
         raise UsageError(str(error)) from None
+    families = [type(m).__module__.split(".")[-1] for m in (target, draft) if m is not None]
+    if len(set(families)) > 1:
+        raise UsageError(f"draft and target are of different families ({families[1]} draft, {families[0]} target); "
+                         f"speculative decoding needs one family and one tokenizer")
     if draft is not None and draft.vocab_size != target.vocab_size:
         raise UsageError(
             f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)"
@@ -204,10 +219,11 @@ def summary(stats, seconds, speculative):
     tokens = sum(s.generated for s in stats)
     drafted = sum(s.drafted for s in stats)
     calls = sum(s.target_calls for s in stats)
-    parts = [f"{tokens} tokens", f"{tokens / seconds if seconds else 0:.1f} tok/s"]
+    # A zero denominator leaves a ratio undefined (nothing drafted: no acceptance), not 0.
+    parts = [f"{tokens} tokens", f"{tokens / seconds:.1f} tok/s" if seconds else "n/a tok/s"]
     if speculative:
-        parts.append(f"acceptance {sum(s.accepted for s in stats) / drafted if drafted else 0:.2f}")
-    parts.append(f"{calls} target calls ({calls / tokens if tokens else 0:.2f} per token)")
+        parts.append(f"acceptance {sum(s.accepted for s in stats) / drafted:.2f}" if drafted else "acceptance n/a")
+    parts.append(f"{calls} target calls ({calls / tokens:.2f} per token)" if tokens else f"{calls} target calls")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -244,6 +260,7 @@ def print_json(steps, tokenizer, prompts, stats):
 def run(args):
     """Check the arguments, load the models once, and decode every prompt."""
     check(args)
+    require_default_models(args)
     prompts = (read_prompt_file(args.prompt_file) if args.prompt_file
                else [DEFAULT_PROMPT if args.prompt is None else args.prompt])  # "" is a prompt too
     own_draft = not (args.regular_decode or args.prompt_lookup)

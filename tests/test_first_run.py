@@ -2,6 +2,7 @@
 ratios printed as such, family mismatches named, the quick benchmark and its guard."""
 
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -12,10 +13,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import one_error_line, run_script
 
 import benchmark
 import convert
+import decoder
 import files
+import main
 import synthetic
 
 
@@ -147,3 +151,40 @@ def test_other_processes_cpu_time_is_measured():
     load = benchmark.machine_load(start, benchmark.cpu_times())
     # Children are other processes: they kept the CPUs busy for most of the window.
     assert load["cpus"] >= 1 and load["others_cpu_share"] > 0.5
+
+
+# main.py: the way in without models, undefined ratios, family mismatches.
+
+def test_main_without_models_shows_the_offline_way_in(tmp_path):
+    line = one_error_line(run_script("main.py", cwd=tmp_path, timeout=120))
+    assert "convert first: python convert.py --model t5-11b" in line and "python benchmark.py" in line
+
+
+def test_a_t5_target_with_a_gpt2_draft_is_named_as_different_families(pair_dirs):
+    target, draft = pair_dirs(0.05)[0], pair_dirs(0.05, family="gpt2")[1]
+    line = one_error_line(run_script("main.py", "--model", target, "--draft-model", draft, "--max-tokens", 2, timeout=120))
+    assert "different families (gpt2 draft, t5 target)" in line and "vocabularies" not in line
+
+
+def test_summary_says_undefined_ratios_are_undefined():
+    nothing = decoder.Stats(generated=3, target_calls=3)
+    assert "acceptance n/a" in main.summary([nothing], 0.5, True) and "0.00" not in main.summary([nothing], 0.5, True)
+    assert "n/a tok/s" in main.summary([decoder.Stats()], 0.0, True)
+    some = decoder.Stats(generated=4, drafted=4, accepted=3, target_calls=2)
+    assert "acceptance 0.75" in main.summary([some], 1.0, True) and "(0.50 per token)" in main.summary([some], 1.0, True)
+
+
+def test_benchmark_ends_with_the_main_command_that_runs_on_its_pair(tmp_path):
+    """The README's offline path: benchmark.py builds the pair and prints main.py's command; it runs.
+    Its --json and --markdown files follow the umask."""
+    out, report = tmp_path / "b.json", tmp_path / "b.md"
+    with umask(0o027):
+        result = run_script("benchmark.py", "--layers", 3, "--d-model", 64, "--max-tokens", 8, "--repeats", 1,
+                            "--num-draft", 1, "--json", out, "--markdown", report, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert mode(out) == mode(report) == 0o640
+    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert command[:2] == ["python", "main.py"]
+    run = run_script("main.py", *command[2:], "--max-tokens", 4, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith("[4 tokens")
