@@ -668,7 +668,8 @@ def table(results, markdown=False):
             lines.append(f"| {r['delta']} | {r['wall_speedup']:.2f}x | {ratio(r['acceptance_rate'])} | "
                          f"{d['identical_prompts']} of {d['prompts']} | {d['first_difference']} |")
     if "eval" in results:
-        lines += ["", *quality.table_lines(results)]
+        caption, headers, rows = quality.table(results)
+        lines += ["", caption, "", *grid(headers, rows, markdown)]
     if results.get("batches"):
         lines += ["", *batch_table(results, markdown)]
     if results.get("hf"):

@@ -285,28 +285,28 @@ def metrics(quality):
 
 
 HEADERS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "pass_at_1": "pass@1",
-           "identical_share": "identical to plain"}
+           "identical_share": "identical"}
 
 
-def table_lines(results):
-    """The quality table: per setting tokens/s, speedup and each metric (mean, +- sd over samples)."""
+def table(results):
+    """(caption, headers, rows) of the quality table: per setting tokens/s, speedup and each metric.
+
+    A metric's cell is its mean, with +- its standard deviation over samples where that is not 0.
+    """
     info, plain = results["eval"], results["plain"]
     names = metrics(plain["quality"])
 
     def cell(q, name):
-        value = f"{q[name]['mean']:.3f}"
-        return value + (f" (+-{q[name]['sd']:.3f})" if q[name]["sd"] > 0 else "")
+        return f"{q[name]['mean']:.3f}" + (f"+-{q[name]['sd']:.3f}" if q[name]["sd"] > 0 else "")
 
-    lines = [f"Quality on {info['source']} ({info['prompts']} prompts, {info['kind']}; "
-             + (f"mean (+- sd) over {info['samples']} seeds per setting" if info["samples_are_seeds"] else
-                f"greedy: mean (+- sd) over each setting's timed runs, {info['samples']}") + "):", "",
-             "| setting | tokens/s | wall speedup | " + " | ".join(HEADERS[n] for n in names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    rows = [dict(plain, label="plain", wall_speedup=1.0)] + results["speculative"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['tokens_per_second']:.1f} | {r['wall_speedup']:.2f}x | "
-                     + " | ".join(cell(r["quality"], n) for n in names) + " |")
-    return lines
+    caption = (f"Quality on {info['source']} ({info['prompts']} prompts; identical = share of prompts whose tokens "
+               f"equal plain decoding's; +- = sd over "
+               + (f"{info['samples']} seeds per setting)" if info["samples_are_seeds"] else
+                  f"each setting's {info['samples']} timed runs, greedy)") + ":")
+    rows = [[r["label"], f"{r['tokens_per_second']:.1f}", f"{r['wall_speedup']:.2f}x",
+             *(cell(r["quality"], n) for n in names)]
+            for r in [dict(plain, label="plain", wall_speedup=1.0)] + results["speculative"]]
+    return caption, ["setting", "tok/s", "speedup", *(HEADERS[n] for n in names)], rows
 
 
 def plot_panel(axes, results):
