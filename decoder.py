@@ -97,11 +97,13 @@ class Stats:
 
     @property
     def acceptance_rate(self):
-        return self.accepted / self.drafted if self.drafted else 0.0
+        """accepted / drafted; None (undefined, null in JSON) when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def tokens_per_second(self):
-        return self.generated / self.seconds if self.seconds else 0.0
+        """generated / seconds; None (undefined) before any time was counted."""
+        return self.generated / self.seconds if self.seconds else None
 
     def as_dict(self):
         return dict(asdict(self), acceptance_rate=self.acceptance_rate, tokens_per_second=self.tokens_per_second)

@@ -125,7 +125,8 @@ def test_missing_models_name_the_convert_command(models, tmp_path):
     # The defaults, resolved under mlx_models/ of the working directory, where there are none.
     line = one_error_line(run_main(cwd=tmp_path))
     assert "'t5-11b' and 't5-small' not found" in line
-    assert line.endswith("python convert.py --model t5-11b && python convert.py --model t5-small")
+    assert "convert first: python convert.py --model t5-11b && python convert.py --model t5-small; " in line
+    assert "see it work offline first: python benchmark.py" in line  # the way in without models
     line = one_error_line(run_main(*models[:2], cwd=tmp_path))
     assert "model 't5-small' not found" in line and "t5-11b" not in line
 

@@ -1,6 +1,7 @@
 """What a new user meets first: files that follow the umask, the tests' own cache, undefined
 ratios printed as such, family mismatches named, the quick benchmark and its guard."""
 
+import json
 import os
 import shlex
 import stat
@@ -188,3 +189,14 @@ def test_benchmark_ends_with_the_main_command_that_runs_on_its_pair(tmp_path):
     run = run_script("main.py", *command[2:], "--max-tokens", 4, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].startswith("[4 tokens")
+
+
+def test_stats_leave_undefined_ratios_undefined(pair_dirs):
+    assert decoder.Stats(generated=2, target_calls=2).acceptance_rate is None and decoder.Stats().tokens_per_second is None
+    assert decoder.Stats(drafted=4, accepted=1).acceptance_rate == 0.25
+    target, draft = pair_dirs(0.05)
+    result = run_script("main.py", "--model", target, "--draft-model", draft, "--regular-decode", "--json",
+                        "--max-tokens", 3, timeout=120)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout.splitlines()[0])["stats"]
+    assert stats["drafted"] == 0 and stats["acceptance_rate"] is None and stats["tokens_per_second"] > 0
