@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,12 +180,9 @@ def run_program(source, time_limit=TIME_LIMIT, memory_limit=MEMORY_LIMIT):
     the calls that delete, rename or overwrite files outside its folder, spawn
     processes or change directories refused (the program ends as a failure).
     """
-    import time
-
-    with tempfile.TemporaryDirectory(prefix="pass-at-1-") as folder:
+    with tempfile.TemporaryDirectory(prefix="pass-at-1-") as folder, open(Path(folder) / "output", "w+b") as out:
         work = Path(folder) / "work"
         work.mkdir()
-        out = open(Path(folder) / "output", "w+b")
         began = time.perf_counter()
         # The limits are set in the child itself: a preexec_fn is unsafe in a process with threads (MLX's).
         child = subprocess.Popen(
@@ -195,35 +193,27 @@ def run_program(source, time_limit=TIME_LIMIT, memory_limit=MEMORY_LIMIT):
         try:
             child.communicate(source.encode("utf-8"), timeout=time_limit)
         except subprocess.TimeoutExpired:
-            kill_group(child)
+            # Its own session's group, killed before the child is reaped (so its id cannot have been reused).
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
             return Verdict(False, "timed out", f"after {time_limit:g} s", time.perf_counter() - began)
-        finally:
-            kill_group(child)  # threads or anything left behind go with the group
         seconds = time.perf_counter() - began
         out.seek(0)
         lines = out.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
-        out.close()
-    last = lines[-1] if lines else ""
-    code = child.returncode
+    return verdict(child.returncode, lines[-1] if lines else "", seconds)
+
+
+def verdict(code, last_line, seconds):
+    """The Verdict of a child's exit code (negative: the signal that ended it) and last line of output."""
     if code == 0:
         return Verdict(True, "passed", "", seconds)
-    if code == REFUSED:
-        return Verdict(False, "refused", last, seconds)
-    if code == OUT_OF_MEMORY:
-        return Verdict(False, "out of memory", last, seconds)
+    if code in (REFUSED, OUT_OF_MEMORY):
+        return Verdict(False, "refused" if code == REFUSED else "out of memory", last_line, seconds)
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
         outcome = {"SIGXCPU": "timed out", "SIGKILL": "out of memory", "SIGSEGV": "crashed"}.get(name, "killed")
         return Verdict(False, outcome, f"by {name}", seconds)
-    return Verdict(False, "failed", last, seconds)
-
-
-def kill_group(child):
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    child.wait()
+    return Verdict(False, "failed", last_line, seconds)
 
 
 def program(example, completion):
@@ -394,7 +384,12 @@ def child(time_limit, memory_limit):
     seconds = int(time_limit) + 1  # CPU seconds: a backstop for the parent's wall-clock limit
     for limit, value in ((resource.RLIMIT_AS, memory_limit), (resource.RLIMIT_CPU, seconds),
                          (resource.RLIMIT_FSIZE, FILE_LIMIT), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
+        hard = resource.getrlimit(limit)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)  # a lower limit set outside stays
+        try:
+            resource.setrlimit(limit, (value, value))
+        except (ValueError, OSError):  # a system that refuses one (macOS and RLIMIT_AS) goes without it
+            pass
     source = sys.stdin.buffer.read().decode("utf-8")
     sys.stdin.close()
     leave = os._exit
