@@ -6,6 +6,7 @@
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import mlx.core as mx
 import calibration
 import cli
 import decoder
+import distributed
 import drafters
 import model
 import policy
@@ -46,6 +48,10 @@ def guarded(run, args):
         cli.fail(error)
     except KeyboardInterrupt:
         cli.fail("interrupted")
+    except RuntimeError as error:
+        if not distributed.ring_failure(error):
+            raise
+        distributed.await_watchdog(distributed.init())  # it names the rank that failed and ends this one
     except BrokenPipeError:
         # The reader stopped early (`| head`). Point stdout at /dev/null so the flush at
         # exit cannot fail again, and stop quietly, as Python's documentation advises.
@@ -88,6 +94,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--regular-decode", action="store_true", help="plain decoding with the target only")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="under mlx.launch: split the target's layers over the ranks (default: share the prompts)")
     parser.add_argument("--calibrate", action="store_true",
                         help="measure the step costs of these models, --num-draft and --batch-size on this machine, "
                              "keep them for the adaptive schedule's later runs, print them and exit")
@@ -153,15 +161,18 @@ def require_default_models(args):
     raise UsageError(f"{model.not_found([name for name in wanted if model.find(name) is None])}; {OFFLINE}")
 
 
-def load_models(target_path, draft_path=None):
-    """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError."""
+def load_models(target_path, draft_path=None, pipeline=None):
+    """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError.
+
+    pipeline: a distributed.Group over whose ranks the target is split (rank 0's side).
+    """
     require_models(target_path, draft_path)
     try:
-        target, tokenizer = model.load(target_path)
+        target, tokenizer = model.load(target_path) if pipeline is None else distributed.load_target(target_path, pipeline)
         draft, draft_tokenizer = (None, None) if draft_path is None else model.load(draft_path)
     except model.LoadError as error:
         raise UsageError(str(error)) from None
-    families = [type(m).__module__.split(".")[-1] for m in (target, draft) if m is not None]
+    families = [type(m).__module__.split(".")[-1] for m in (distributed.local(target), draft) if m is not None]
     if len(set(families)) > 1:
         raise UsageError(f"draft and target are of different families ({families[1]} draft, {families[0]} target); "
                          f"speculative decoding needs one family and one tokenizer")
@@ -185,17 +196,26 @@ def check_lengths(prompt_ids, max_tokens, models):
                              f"the model has {m.max_positions}")
 
 
-def step_events(args, target, draft, prompt_ids, stats, chosen):
-    """decoder.Step records (prompt index, tokens, finished, ...) as decided by the step policy `chosen`."""
+def step_events(args, target, draft, prompt_ids, stats, chosen, indices):
+    """decoder.Step records (prompt index, tokens, finished, ...) as decided by the step policy `chosen`,
+    for the prompts `indices` (all of them, or this rank's share under mlx.launch)."""
     sampling = decoder.Sampling(args.temperature, args.top_k, args.top_p)
-    if draft is None and args.batch_size == 1:
-        for i, ids in enumerate(prompt_ids):
-            yield from decoder.plain_steps(target, ids, args.max_tokens, sampling, stats[i], i)
+    drafter = decoder.as_drafter(draft)
+    if args.batch_size == 1:
+        # One prompt at a time, each from a seed of its own: a prompt's sample does not depend
+        # on the prompts decoded before it (here, or on another rank).
+        for i in indices:
+            mx.random.seed(distributed.prompt_seed(args.seed, i))
+            if draft is None:
+                yield from decoder.plain_steps(target, prompt_ids[i], args.max_tokens, sampling, stats[i], i)
+                continue
+            for step in decoder.speculative_steps(target, drafter, [prompt_ids[i]], args.max_tokens, chosen,
+                                                  args.delta, sampling, 1, [stats[i]]):
+                yield dataclasses.replace(step, index=i)
         return
-    yield from decoder.speculative_steps(
-        target, decoder.as_drafter(draft), prompt_ids, args.max_tokens,
-        chosen, args.delta, sampling, args.batch_size, stats,
-    )
+    for step in decoder.speculative_steps(target, drafter, [prompt_ids[i] for i in indices], args.max_tokens, chosen,
+                                          args.delta, sampling, args.batch_size, [stats[i] for i in indices]):
+        yield dataclasses.replace(step, index=indices[step.index])
 
 
 def kept_costs(args):
@@ -263,8 +283,12 @@ def run(args):
     require_default_models(args)
     prompts = (read_prompt_file(args.prompt_file) if args.prompt_file
                else [DEFAULT_PROMPT if args.prompt is None else args.prompt])  # "" is a prompt too
+    group = distributed.init()  # one process, or one rank of several under mlx.launch
+    if args.pipeline and group.rank > 0:
+        return distributed.serve_target(args.model, group)
     own_draft = not (args.regular_decode or args.prompt_lookup)
-    target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None)
+    target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None,
+                                           group if args.pipeline else None)
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     if args.calibrate:
@@ -279,7 +303,12 @@ def run(args):
     chosen = (calibration.adaptive_policy(args.num_draft, costs) if costs is not None
               else policy.make_policy(args.draft_schedule, args.num_draft))
     began = time.perf_counter()
-    steps = step_events(args, target, draft, prompt_ids, stats, chosen)
+    # Prompts are shared over the ranks unless they pipeline the target; rank 0 prints them all.
+    sharing = distributed.ALONE if args.pipeline else group
+    steps = step_events(args, target, draft, prompt_ids, stats, chosen, distributed.share(len(prompts), sharing))
+    steps = distributed.gathered(steps, stats, sharing)
+    if group.rank > 0:
+        return group.close()
     speculative = draft is not None
     if args.json or args.batch_size > 1:
         print_json(steps, tokenizer, prompts, stats)
@@ -291,6 +320,7 @@ def run(args):
             print(summary(stats, time.perf_counter() - began, speculative))
     if costs is not None:
         calibration.remember(chosen, costs)
+    distributed.finish(target, group)
 
 
 def main(argv=None):

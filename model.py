@@ -35,11 +35,12 @@ def family(config):
     return FAMILIES[model_type]
 
 
-def build(config, source="config.json"):
-    """The (uninitialised) MLX model a config.json (file `source`) describes."""
+def build(config, source="config.json", part=None):
+    """The (uninitialised) MLX model a config.json (file `source`) describes: its pipeline
+    part `part` (models.base.Part) only, if given."""
     module = family(config)
     try:
-        return module.Model(module.ModelArgs.from_config(config))
+        return module.Model(module.ModelArgs.from_config(config), part)
     except (KeyError, TypeError, ValueError, AttributeError) as error:  # a value missing or of the wrong kind
         raise LoadError(f"{source} does not describe a model this project can build "
                         f"({type(error).__name__}: {error})") from None
@@ -81,10 +82,11 @@ def parameter_count(config):
     return sum(p.size for _, p in tree_flatten(build(config).parameters()))
 
 
-def weight_bytes(config, float_bytes=4, quantization=None):
-    """Bytes of the weights config.json describes: floats at float_bytes each; quantized
-    weights at quantization["bits"] each plus a float scale and bias per group."""
-    built = build(config)  # lazy: nothing is allocated
+def weight_bytes(config, float_bytes=4, quantization=None, part=None):
+    """Bytes of the weights config.json describes (of pipeline part `part` only, if given):
+    floats at float_bytes each; quantized weights at quantization["bits"] each plus a float
+    scale and bias per group."""
+    built = build(config, part=part)  # lazy: nothing is allocated
     quantized = quantizable(built, quantization["group_size"]) if quantization else set()
     total = 0
     for name, p in tree_flatten(built.parameters()):
@@ -165,8 +167,23 @@ def mismatch(path, model, weights, error):
     return LoadError(f"weights in {path} do not fit its config: {cli.first_line(error)}")
 
 
-def cast_weights(files, dtype):
+def part_name(model, name):
+    """The name stored tensor `name` has in `model`, a pipeline part whose layer lists count
+    from its first layer; None if the part does not hold it."""
+    offset = 0
+    for stack, count in model.stack():
+        if name.startswith(stack + "."):
+            index, rest = name[len(stack) + 1 :].split(".", 1)
+            lo, hi = model.part.held(offset, offset + count)
+            return f"{stack}.{int(index) - lo}.{rest}" if lo <= int(index) < hi else None
+        offset += count
+    return name
+
+
+def cast_weights(files, dtype, rename=None):
     """Every tensor in `files`: floating ones cast to `dtype`, packed quantized ones as stored.
+
+    rename(name) -> the tensor's name in the model, or None to skip it unread (a pipeline part's).
 
     Cast and evaluated one tensor at a time, each dropped from its file's (lazy) dict
     first, so no copy of the model in its stored dtype builds up beside the cast one.
@@ -174,8 +191,11 @@ def cast_weights(files, dtype):
     weights = {}
     for file in files:
         stored = read_weights(file)
-        for name in list(stored):
-            array = stored.pop(name)
+        for stored_name in list(stored):
+            array = stored.pop(stored_name)
+            name = stored_name if rename is None else rename(stored_name)
+            if name is None:
+                continue
             if mx.issubdtype(array.dtype, mx.floating):
                 array = array.astype(dtype)
             try:
@@ -199,15 +219,25 @@ def quantize_layers(model, config, weights):
     nn.quantize(model, group_size, bits, class_predicate=lambda path, _: f"{path}.scales" in weights)
 
 
-def load_model(path, dtype=None):
+def load_model(path, dtype=None, part=None):
     """The model in a converted folder, its float weights cast to `dtype` (default_dtype() if None).
 
     A quantized folder loads as quantized layers; its packed weights are never cast.
+    part (models.base.Part): build and read only that pipeline part's layers.
     """
     path = Path(path)
     config = read_config(path)
-    model = build(config, path / "config.json")  # lazy: its random initial weights are never computed
-    weights = cast_weights(weight_files(path), dtype or default_dtype())
+    model = build(config, path / "config.json", part)  # lazy: its random initial weights are never computed
+    rename = None
+    if part is not None:
+        # Quantized layers add .scales and .biases to what the float model holds.
+        held = {name.rsplit(".", 1)[0] for name, _ in tree_flatten(model.parameters())}
+
+        def rename(name):
+            local = part_name(model, name)
+            return local if local is not None and local.rsplit(".", 1)[0] in held else None
+
+    weights = cast_weights(weight_files(path), dtype or default_dtype(), rename)
     quantize_layers(model, config, weights)
     try:
         model.load_weights(list(weights.items()))
@@ -217,7 +247,7 @@ def load_model(path, dtype=None):
     return model
 
 
-def load(path_or_name, dtype=None):
+def load(path_or_name, dtype=None, part=None):
     """(model, tokenizer) from a converted folder or a name under mlx_models/.
 
     The tokenizer comes from tokenizer.py: read with the `tokenizers` package where the
@@ -227,7 +257,7 @@ def load(path_or_name, dtype=None):
     # Without its files transformers would build a T5 tokenizer of a few placeholder pieces.
     if not any((path / name).is_file() for name in ("tokenizer.json", "spiece.model")):
         raise LoadError(f"{path} has no tokenizer.json or spiece.model; convert the model again")
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, part)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as error:  # sentencepiece, tokenizers and transformers each raise their own kinds

@@ -7,7 +7,7 @@ hidden or filler slots sit at HIDDEN_POSITION, in the future of every real query
 """
 
 import math
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from functools import partial
 
 import mlx.core as mx
@@ -39,6 +39,38 @@ def causal_mask(query_positions, key_positions, dtype):
     return mx.where(visible, 0.0, -mx.inf).astype(dtype)[:, None]
 
 
+@dataclass(frozen=True)
+class Part:
+    """The layers one pipeline rank holds: units [start, stop) of a family's stack of `total`.
+
+    A family's stack is its layer lists in the order a pass runs them (T5: the encoder's
+    layers, then the decoder's). The first part also holds the token embedding, the last
+    the final norm and the head; Part(0, total, total) is the whole model.
+    """
+
+    start: int
+    stop: int
+    total: int
+
+    @property
+    def first(self):
+        return self.start == 0
+
+    @property
+    def last(self):
+        return self.stop == self.total
+
+    def held(self, begin, end):
+        """(lo, hi): of the stack's units begin..end-1 (one layer list), those this part holds, counted from begin."""
+        lo, hi = max(self.start, begin), min(self.stop, end)
+        return (lo - begin, hi - begin) if lo < hi else (0, 0)
+
+
+def whole(total):
+    """The Part that is the whole model."""
+    return Part(0, total, total)
+
+
 class TokenIds:
     """vocab_size and eos_token_id, which decoder.LanguageModel asks for, read from the model's `args`."""
 
@@ -54,31 +86,51 @@ class TokenIds:
 class CausalModel(TokenIds):
     """The decoding interface (decoder.LanguageModel) of a decoder-only model.
 
-    A subclass defines `args` (with vocab_size, eos_token_id, bos_token_id, num_layers)
-    and `decode(tokens, cache, padding)`.
+    A subclass defines `args` (with vocab_size, eos_token_id, bos_token_id, num_layers),
+    `part` (the Part of its layers it holds) and `decode(tokens, cache, padding)`. A part
+    that is not the first takes the previous part's activations (batch, n, d) for tokens,
+    and one that is not the last returns its activations instead of logits.
     """
 
     max_positions = None  # no limit unless the family has a table of positions
 
+    def stack(self):
+        """[(name, count)]: the layer lists a pass runs, in order (a pipeline splits them)."""
+        return [(self.layer_list, self.args.num_layers)]
+
     def __call__(self, input_ids, padding=None):
         """Logits (batch, length, vocab) of a full forward from an empty cache; padding as in decode."""
-        return self.decode(input_ids, Cache(input_ids.shape[0], self.args.num_layers), padding)
+        return self.decode(input_ids, self.new_cache(input_ids.shape[0]), padding)
+
+    def new_cache(self, batch):
+        """An empty cache for the layers this part holds."""
+        return Cache(batch, len(getattr(self, self.layer_list)))
 
     def start(self, prompts):
         """(cache, first input tokens): all but each prompt's last token prefilled, left-padded.
 
         An empty prompt starts from the BOS token, as Hugging Face's generate does.
         """
+        cache, firsts, _ = self.start_part(prompts)
+        return cache, firsts
+
+    def start_part(self, prompts, x=None):
+        """start() for this part: (cache, first input tokens, activations for the next part or None).
+
+        x: the previous part's activations of the prefill (None for the first part, or
+        when no prompt has more than one token).
+        """
         prompts = [list(ids) or self.bos_prompt() for ids in prompts]
-        cache = Cache(len(prompts), self.args.num_layers)
+        cache = self.new_cache(len(prompts))
         prefixes = [ids[:-1] for ids in prompts]
         width = max(len(ids) for ids in prefixes)
+        out = None
         if width:
-            tokens = mx.array([[0] * (width - len(ids)) + ids for ids in prefixes])
-            # Only the keys/values matter here: evaluating them drops the prefill's graph.
-            self.decode(tokens, cache, np.array([width - len(ids) for ids in prefixes]))
+            tokens = mx.array([[0] * (width - len(ids)) + ids for ids in prefixes]) if self.part.first else x
+            out = self.decode(tokens, cache, np.array([width - len(ids) for ids in prefixes]))
+            # Only the keys/values matter to the last part: evaluating them drops the prefill's graph.
             mx.eval([k for k in cache.keys if k is not None], [v for v in cache.values if v is not None])
-        return cache, [ids[-1] for ids in prompts]
+        return cache, [ids[-1] for ids in prompts], None if self.part.last else out
 
     def bos_prompt(self):
         if self.args.bos_token_id is None:

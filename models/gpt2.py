@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, CausalModel, causal_mask, gelu_tanh, output_config  # noqa: F401 (convert.py uses output_config)
+from .base import BaseModelArgs, CausalModel, causal_mask, gelu_tanh, output_config, whole  # noqa: F401 (convert.py uses output_config)
 from .linear import Linear, tied_head
 
 ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu": nn.gelu, "relu": nn.relu}
@@ -87,28 +87,41 @@ class Block(nn.Module):
 
 
 class Model(nn.Module, CausalModel):
-    def __init__(self, args: ModelArgs):
+    layer_list = "h"
+
+    def __init__(self, args: ModelArgs, part=None):
         super().__init__()
         self.args = args
-        self.wte = nn.Embedding(args.vocab_size, args.n_embd)
-        self.wpe = nn.Embedding(args.n_positions, args.n_embd)
-        self.h = [Block(args, i) for i in range(args.n_layer)]
-        self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.n_embd, args.vocab_size, bias=False)
+        self.part = part = part or whole(args.n_layer)
+        if part.first or (part.last and args.tie_word_embeddings):
+            self.wte = nn.Embedding(args.vocab_size, args.n_embd)
+        if part.first:
+            self.wpe = nn.Embedding(args.n_positions, args.n_embd)
+        self.h = [Block(args, i) for i in range(part.start, part.stop)]
+        if part.last:
+            self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
+            if not args.tie_word_embeddings:
+                self.lm_head = Linear(args.n_embd, args.vocab_size, bias=False)
 
     @property
     def max_positions(self):
         return self.args.n_positions
 
     def decode(self, tokens, cache, padding=None):
-        """Logits (batch, n, vocab) for new tokens; the cache advances past them."""
+        """Logits (batch, n, vocab) for new tokens; the cache advances past them.
+
+        A part of a pipeline (see CausalModel) takes and returns activations (batch, n, n_embd).
+        """
         query_positions, key_positions = cache.reserve(tokens.shape[1], padding)
-        # Filler queries sit at HIDDEN_POSITION, past the table: any row serves them.
-        x = self.wte(tokens) + self.wpe(mx.minimum(query_positions, self.args.n_positions - 1))
+        x = tokens
+        if self.part.first:
+            # Filler queries sit at HIDDEN_POSITION, past the table: any row serves them.
+            x = self.wte(tokens) + self.wpe(mx.minimum(query_positions, self.args.n_positions - 1))
         mask = causal_mask(query_positions, key_positions, x.dtype)
         for index, block in enumerate(self.h):
             x = block(x, mask, cache, index)
+        if not self.part.last:
+            return x
         x = self.ln_f(x)
         return tied_head(self.wte, x) if self.args.tie_word_embeddings else self.lm_head(x)
 

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .base import BaseModelArgs, CausalModel, causal_mask, output_config  # noqa: F401 (convert.py uses output_config)
+from .base import BaseModelArgs, CausalModel, causal_mask, output_config, whole  # noqa: F401 (convert.py uses output_config)
 from .linear import Linear, tied_head
 
 ROPE_TYPES = ("default", "llama3", "linear")
@@ -147,14 +147,19 @@ class Layer(nn.Module):
 
 
 class Model(nn.Module, CausalModel):
-    def __init__(self, args: ModelArgs):
+    layer_list = "layers"
+
+    def __init__(self, args: ModelArgs, part=None):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [Layer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.part = part = part or whole(args.num_hidden_layers)
+        if part.first or (part.last and args.tie_word_embeddings):
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Layer(args) for _ in range(part.stop - part.start)]
+        if part.last:
+            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+            if not args.tie_word_embeddings:
+                self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self._inv_freq = inverse_frequencies(args)
 
     def rope(self, positions, dtype):
@@ -164,13 +169,18 @@ class Model(nn.Module, CausalModel):
         return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
 
     def decode(self, tokens, cache, padding=None):
-        """Logits (batch, n, vocab) for new tokens; the cache advances past them."""
+        """Logits (batch, n, vocab) for new tokens; the cache advances past them.
+
+        A part of a pipeline (see CausalModel) takes and returns activations (batch, n, hidden_size).
+        """
         query_positions, key_positions = cache.reserve(tokens.shape[1], padding)
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens) if self.part.first else tokens
         mask = causal_mask(query_positions, key_positions, x.dtype)
         rope = self.rope(query_positions, x.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, mask, rope, cache, index)
+        if not self.part.last:
+            return x
         x = self.norm(x)
         return tied_head(self.embed_tokens, x) if self.args.tie_word_embeddings else self.lm_head(x)
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .base import BaseModelArgs, TokenIds, gelu_tanh
+from .base import BaseModelArgs, TokenIds, gelu_tanh, whole
 from .cache import Cache
 from .linear import Linear, tied_head
 
@@ -181,11 +181,15 @@ def additive_mask(mask, dtype):
 
 
 class Encoder(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """The encoder's layers lo..hi-1 (all by default); the final norm if it holds the last."""
+
+    def __init__(self, args: ModelArgs, lo=0, hi=None):
         super().__init__()
+        hi = args.num_layers if hi is None else hi
         self.position_bias = RelativePositionBias(args, bidirectional=True)
-        self.layers = [EncoderLayer(args) for _ in range(args.num_layers)]
-        self.final_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
+        self.layers = [EncoderLayer(args) for _ in range(lo, hi)]
+        if hi == args.num_layers and lo < hi:
+            self.final_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
 
     def __call__(self, x, mask=None):
         positions = mx.arange(x.shape[1])[None]
@@ -195,22 +199,26 @@ class Encoder(nn.Module):
             bias = bias + padding
         for layer in self.layers:
             x = layer(x, bias)
-        return self.final_norm(x)
+        return self.final_norm(x) if "final_norm" in self else x
 
 
 class Decoder(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """The decoder's layers lo..hi-1 (all by default); the final norm if it holds the last."""
+
+    def __init__(self, args: ModelArgs, lo=0, hi=None):
         super().__init__()
+        hi = args.num_decoder_layers if hi is None else hi
         self.position_bias = RelativePositionBias(args, bidirectional=False)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_decoder_layers)]
-        self.final_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
+        self.layers = [DecoderLayer(args) for _ in range(lo, hi)]
+        if hi == args.num_decoder_layers:
+            self.final_norm = nn.RMSNorm(args.d_model, eps=args.layer_norm_epsilon)
 
     def __call__(self, x, cache, padding=None):
         query_positions, key_positions = cache.reserve(x.shape[1], padding)
         bias = self.position_bias(query_positions, key_positions)
         for index, layer in enumerate(self.layers):
             x = layer(x, bias, cache, index)
-        return self.final_norm(x)
+        return self.final_norm(x) if "final_norm" in self else x
 
 
 class T5Cache(Cache):
@@ -257,13 +265,17 @@ class T5Cache(Cache):
 
 
 class Model(nn.Module, TokenIds):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, part=None):
         super().__init__()
         self.args = args
-        self.shared = nn.Embedding(args.vocab_size, args.d_model)
-        self.encoder = Encoder(args)
-        self.decoder = Decoder(args)
-        if not args.tie_word_embeddings:
+        encoder, decoder = args.num_layers, args.num_decoder_layers
+        # A pipeline part (base.Part) holds a run of the encoder's layers, then the decoder's.
+        self.part = part = part or whole(encoder + decoder)
+        if part.first or (part.last and args.tie_word_embeddings):
+            self.shared = nn.Embedding(args.vocab_size, args.d_model)
+        self.encoder = Encoder(args, *part.held(0, encoder))
+        self.decoder = Decoder(args, *part.held(encoder, encoder + decoder))
+        if part.last and not args.tie_word_embeddings:
             self.lm_head = Linear(args.d_model, args.vocab_size, bias=False)
 
     max_positions = None  # relative positions: no table to run off
@@ -271,6 +283,10 @@ class Model(nn.Module, TokenIds):
     @property
     def decoder_start_token_id(self):
         return self.args.decoder_start_token_id
+
+    def stack(self):
+        """[(name, count)]: the layer lists a pass runs, in order (a pipeline splits them)."""
+        return [("encoder.layers", self.args.num_layers), ("decoder.layers", self.args.num_decoder_layers)]
 
     def encode(self, input_ids, mask=None):
         """Encoder output (batch, length, d_model); mask is 1 for real tokens, 0 for padding."""
@@ -282,11 +298,23 @@ class Model(nn.Module, TokenIds):
         An empty prompt is encoded as EOS alone, which is what T5's tokenizer makes of empty
         text (the encoder cannot attend over nothing).
         """
+        cache, firsts, _ = self.start_part(prompts)
+        return cache, firsts
+
+    def start_part(self, prompts, x=None):
+        """start() for a pipeline part: (cache, first decoder inputs, activations for the next part or None).
+
+        x: the previous part's encoder activations (batch, length, d_model), or the
+        encoder's output once its last layer has run; None for the first part.
+        """
         prompts = [list(ids) or [self.eos_token_id] for ids in prompts]
         width = max(len(ids) for ids in prompts)
         ids = mx.array([ids + [0] * (width - len(ids)) for ids in prompts])
         mask = mx.array([[1] * len(ids) + [0] * (width - len(ids)) for ids in prompts])
-        return self.make_cache(self.encode(ids, mask), mask), [self.decoder_start_token_id] * len(prompts)
+        x = self.encoder(self.shared(ids) if self.part.first else x, mask)
+        # A part without decoder layers still counts each row's tokens in a cache of no layers.
+        cache = self.make_cache(x, mask) if self.decoder.layers else Cache(len(prompts), 0)
+        return cache, [self.decoder_start_token_id] * len(prompts), None if self.part.last else x
 
     def make_cache(self, memory, mask=None):
         """A fresh decoder cache holding every layer's cross-attention keys/values."""
@@ -300,7 +328,9 @@ class Model(nn.Module, TokenIds):
 
         padding (batch,), if given, counts leading filler tokens per row (see Cache.reserve).
         """
-        h = self.decoder(self.shared(tokens), cache, padding)
+        h = self.decoder(self.shared(tokens) if self.part.first else tokens, cache, padding)
+        if not self.part.last:
+            return h  # a pipeline part's activations (batch, n, d_model)
         if self.args.scale_decoder_outputs:
             h = h * self.args.d_model**-0.5
         if self.args.tie_word_embeddings:
