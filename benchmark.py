@@ -937,8 +937,9 @@ def run(args):
         prompts = [example.prompt for example in evaluation[0]]
     require_models(args.model, args.draft_model)
     pairs = []  # built before the progress bar, each message on its own line
-    if args.model is None and not args.preset:
-        pairs = [synthetic_pair(eps, args.layers, args.d_model, args.family) for eps in args.eps]
+    if args.model is None:
+        pairs = [synthetic.preset_pair(args.preset, eps, keep_hf=args.compare_hf) if args.preset
+                 else synthetic_pair(eps, args.layers, args.d_model, args.family) for eps in args.eps]
     settings = len(settings_for(args))
     units = len(args.eps) * (2 + args.repeats * settings + len(args.batch_size or [])
                              + len(hf_tasks(args, 1)) * args.compare_hf + bool(args.eval))
