@@ -291,17 +291,27 @@ def speculative_steps(
     """
     stats = stats if stats is not None else [Stats() for _ in prompts]
     batch = Batch(target, drafter, prompts, stats, batch_size)
+    # Prompt lookup proposes from the text so far, so its next step waits for this one's read.
+    pipelined = drafter is None or isinstance(drafter, ModelDrafter)
+    queued = None  # (k, its launched pass or None): the step after a plain one, chosen before that one's read
     while batch.rows:
         began = time.perf_counter()
         rows = batch.rows
         remaining = [max_tokens - row.generated for row in rows]
-        k = 0
-        if drafter is not None:
-            cap = drafter.available(min(policy.num_draft, max(remaining) - 1))
-            k = policy.choose([row.index for row in rows], cap)
+        k, launched = queued or (choose_k(drafter, policy, rows, remaining), None)
         newest = [row.newest for row in rows]
         drafting = time.perf_counter()
-        table, real = draft_and_verify(target, drafter, batch.cache, newest, k, delta, sampling)
+        table, real = launched or draft_and_verify(target, drafter, batch.cache, newest, k, delta, sampling)
+        queued = None
+        if k == 0 and pipelined and min(remaining) > 1:
+            # As plain decoding does: a plain step waits on no draft, so the next step is chosen now
+            # and, if plain too, queued before this one is read, and the device never idles.
+            upcoming = choose_k(drafter, policy, rows, [left - 1 for left in remaining])
+            queued = (upcoming, None)
+            if upcoming == 0:
+                queued = (0, draft_and_verify(target, drafter, batch.cache, table[:, -1], 0, delta, sampling))
+                mx.async_eval(queued[1][0])
+        table = table.tolist()
         verified = time.perf_counter()
         accepted = [row[0] for row in table]
         proposed = [row[1 : k + 1] for row in table]
@@ -325,21 +335,35 @@ def speculative_steps(
                 finished.append(slot)
                 policy.forget(row.index)
             yield record
+        if finished and queued is not None:
+            if queued[1] is not None:
+                batch.cache.trim(1)  # the queued plain pass fed rows that are leaving: undo it
+            queued = None
         batch.refill(finished)
+
+
+def choose_k(drafter, policy, rows, remaining):
+    """The policy's k for the coming step of `rows`, within the tokens they have left (0 without a drafter)."""
+    if drafter is None:
+        return 0
+    cap = drafter.available(min(policy.num_draft, max(remaining) - 1))
+    return policy.choose([row.index for row in rows], cap)
 
 
 def draft_and_verify(target, drafter, cache, newest, k, delta, sampling):
     """Draft k tokens per row, score them with the target, verify: one host read.
 
-    Returns (per row [accepted count, draft 1 .. draft k, target token], real drafts per row).
+    newest: each row's input token, a list or an array on the device. Returns (a table on the
+    device, per row [accepted count, draft 1 .. draft k, target token]; real drafts per row).
     """
     drafts = mx.zeros((len(newest), 0), mx.int32)
     q = limit = None
     if k > 0:
         drafts, q, limit = drafter.propose(newest, k, sampling)
-    logits = target.decode(mx.concatenate([mx.array(newest, mx.int32)[:, None], drafts], axis=1), cache)
+    inputs = newest if isinstance(newest, mx.array) else mx.array(newest, mx.int32)
+    logits = target.decode(mx.concatenate([inputs[:, None], drafts], axis=1), cache)
     counts, tokens = verify(logits, drafts, q, limit, delta, sampling)
-    table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32).tolist()
+    table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32)
     # The drafter said on the host how many drafts are real: no need to send that through the device.
     return table, ([k] * len(newest) if limit is None else limit)
 

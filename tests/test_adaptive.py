@@ -118,3 +118,47 @@ def test_sampled_tokens_follow_the_target_when_k_changes(load_pair):
     assert 0 in chooser.chosen and 1 in chooser.chosen
     assert_follows(np.array([p[0] for p in pairs]), p1)
     assert_follows(np.array([p[1] for p in pairs]), p2 / p2.sum())
+
+
+class Counting:
+    """A target that counts its decode calls (everything else passes through)."""
+
+    def __init__(self, target):
+        self.target, self.calls = target, 0
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def decode(self, *args, **kwargs):
+        self.calls += 1
+        return self.target.decode(*args, **kwargs)
+
+
+@pytest.mark.parametrize("draft_too", [True, False])
+def test_plain_steps_are_queued_before_the_read(often, draft_too):
+    """As in plain decoding, a k = 0 step's successor is queued before the step is read (with a draft
+    model drafting nothing, or with none)."""
+    target, draft, prompts, reference = often
+    counting = Counting(target)
+    drafter = decoder.as_drafter(draft) if draft_too else None
+    steps = decoder.speculative_steps(counting, drafter, [prompts[0]], MAX_TOKENS, policy.ConstantPolicy(0))
+    first = next(steps)
+    assert counting.calls == 2  # this step's pass, and the next one's, queued before the read
+    assert first.tokens + [t for step in steps for t in step.tokens] == reference[0]
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_queued_plain_passes_are_undone_when_rows_leave(load_pair, batch_size):
+    """Rows ending at EOS while the next plain pass is queued: the batch refills and outputs and counts stay exact."""
+    target, draft, tokenizer = load_pair(OFTEN)
+    # The first meets EOS after 14 tokens: the plain pass queued behind its last step is dropped.
+    prompts = [tokenizer(text).input_ids for text in ["Create Return the Return set key Return", *PROMPTS]]
+    reference = [list(decoder.generate(target, ids, MAX_TOKENS)) for ids in prompts]
+    assert len(reference[0]) < MAX_TOKENS and reference[0][-1] == target.eos_token_id
+    stats = [decoder.Stats() for _ in prompts]
+    outputs = [[] for _ in prompts]
+    for index, token in decoder.speculative_batch(target, draft, prompts, MAX_TOKENS, batch_size=batch_size,
+                                                  stats=stats, schedule=policy.ConstantPolicy(0)):
+        outputs[index].append(token)
+    assert outputs == reference
+    assert [s.target_calls for s in stats] == [s.generated for s in stats] == [len(r) for r in reference]
