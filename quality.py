@@ -21,6 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Only the standard library at the top: the pass@1 child runs this file with `python -I`,
+# which leaves the project's folder off its path. The project's modules are imported where used.
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 TIME_LIMIT = 10.0  # seconds of wall time per program
 MEMORY_LIMIT = 1 << 30  # bytes of address space per program
@@ -92,20 +95,13 @@ def read_eval_file(path, limit=None):
 
 def write_eval_file(path, examples):
     """Write examples as JSON lines: to a temporary file beside path, renamed at the end."""
+    import files
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"prompt": e.prompt, e.kind: e.tests if e.kind == "tests" else e.reference}) for e in examples]
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-    os.chmod(f.name, 0o666 & ~current_umask())  # as a file open() creates would be
-    os.replace(f.name, path)
+    files.write_atomically(path, "w", lambda f: f.write("".join(line + "\n" for line in lines)))
     return path
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def from_dataset(name, row):
@@ -125,18 +121,19 @@ def fetch(name, limit=None):
     path = FETCHED / f"{name}-{limit or 'all'}.jsonl"
     if path.is_file():
         return read_eval_file(path, limit), path
-    hint = f"pass a local JSON-lines file instead (--eval FILE.jsonl)"
+    hint = "pass a local JSON-lines file instead (--eval FILE.jsonl)"
     try:
         import datasets
     except ImportError:
         raise EvalError(f"--eval {name} needs the datasets package and a network; {hint}") from None
+    import cli
+
     repo, split = DATASETS[name]
     try:
         rows = datasets.load_dataset(repo, split=split if limit is None else f"{split}[:{limit}]")
         examples = [from_dataset(name, row) for row in rows]
     except Exception as error:  # no network, a moved set: any failure of the download
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EvalError(f"--eval {name}: could not fetch {repo} ({reason}); {hint}") from None
+        raise EvalError(f"--eval {name}: could not fetch {repo} ({cli.first_line(error)}); {hint}") from None
     return examples, write_eval_file(path, examples)
 
 

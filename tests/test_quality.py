@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import benchmark
 import decoder
+import files
 import quality
 from main import text_of
 
@@ -154,7 +155,7 @@ def test_eval_files_round_trip(tmp_path_factory, items, kind):
     quality.write_eval_file(path, examples)
     assert quality.read_eval_file(path) == examples
     assert quality.read_eval_file(path, limit=2) == examples[:2]
-    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~quality.current_umask())
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~files.umask())
 
 
 @pytest.mark.parametrize("lines, message", [
