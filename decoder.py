@@ -9,15 +9,18 @@ prefix is kept and the target adds one token of its own. The host reads the resu
 once per step; the draft loop itself never waits on the device.
 """
 
+import threading
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from drafters import ModelDrafter
 from policy import make_policy
-from sampling import Sampling, choose, distribution, sample  # noqa: F401  (part of this module's interface)
+from sampling import Sampling, choose, distribution, sample, split_rows, uniform  # noqa: F401  (part of this module's interface)
 
 
 class DecoderCache(Protocol):
@@ -128,20 +131,29 @@ def leading_true(flags):
     return mx.cumprod(flags.astype(mx.int32), axis=-1).sum(axis=-1)
 
 
+def per_row_delta(delta):
+    """delta as a number, or a list of one per row as an array (batch, 1) against (batch, k)."""
+    return mx.array(delta, mx.float32)[:, None] if isinstance(delta, (list, tuple)) else delta
+
+
 def greedy_accept(target_logits, drafts, delta, limit=None):
     """Verify greedy drafts: (accepted count, target token after the accepted prefix), per row.
 
     target_logits (batch, k + 1, vocab) score the positions of drafts (batch, k) and one
     beyond. A draft is accepted when it is the target's argmax, or when delta > 0 and
     its probability is at least (1 - delta) times the target's largest. limit (batch,)
-    caps each row's count (drafts past it are filler).
+    caps each row's count (drafts past it are filler). delta: one value, or one per row.
     """
     best = mx.argmax(target_logits, axis=-1)
     accept = drafts == best[..., :-1]
-    if delta > 0:
+    if np.any(np.asarray(delta) > 0):
+        delta = per_row_delta(delta)
         probs = mx.softmax(target_logits[..., :-1, :].astype(mx.float32), axis=-1)
         drafted = mx.take_along_axis(probs, drafts[..., None], axis=-1)[..., 0]
-        accept = accept | (drafted >= (1 - delta) * probs.max(axis=-1))
+        relaxed = drafted >= (1 - delta) * probs.max(axis=-1)
+        if isinstance(delta, mx.array):
+            relaxed = relaxed & (delta > 0)  # a delta-0 row keeps the argmax alone (ties included)
+        accept = accept | relaxed
     count = leading_true(accept)
     if limit is not None:
         count = mx.minimum(count, limit)
@@ -155,15 +167,23 @@ def sampled_accept(p, q, drafts, delta, limit=None, key=None):
     beyond, q (batch, k, vocab) the drafter's (None: a point mass on each draft). Draft x
     is accepted with probability min(1, p(x)/q(x) + delta); at the first rejection the
     token comes from norm(max(0, p - q)), and when all pass from p at the last position.
-    At delta 0 the result is distributed as p.
+    At delta 0 the result is distributed as p. key: one, or one per row (batch, 2); delta:
+    one value, or one per row.
     """
-    accept_key, residual_key = mx.random.split(key) if key is not None else (None, None)
+    if key is None:
+        accept_key = residual_key = None
+    elif key.ndim == 2:
+        keys = split_rows(key)
+        accept_key, residual_key = keys[:, 0], keys[:, 1]
+    else:
+        accept_key, residual_key = mx.random.split(key)
+    delta = per_row_delta(delta)
     batch, k = drafts.shape
     if q is None:
         q = (mx.arange(p.shape[-1]) == drafts[..., None]).astype(p.dtype)
     p_draft = mx.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
     q_draft = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    accept = mx.random.uniform(shape=(batch, k), key=accept_key) < mx.minimum(1.0, p_draft / q_draft + delta)
+    accept = uniform((batch, k), accept_key) < mx.minimum(1.0, p_draft / q_draft + delta)
     count = leading_true(accept)
     if limit is not None:
         count = mx.minimum(count, limit)
@@ -176,11 +196,20 @@ def sampled_accept(p, q, drafts, delta, limit=None, key=None):
 
 
 def verify(logits, drafts, q, limit, delta, sampling):
-    """(accepted count, target token) per row, from the target's logits over the drafts."""
+    """(accepted count, target token) per row, from the target's logits over the drafts.
+
+    Greedy rows are verified greedily and sampled rows by sampling, in one batch.
+    """
     limit = None if limit is None else mx.array(limit)
-    if sampling.greedy:
+    greedy = sampling.greedy_rows
+    if np.all(greedy):
         return greedy_accept(logits, drafts, delta, limit)
-    return sampled_accept(distribution(logits, sampling), q, drafts, delta, limit)
+    sampled = sampled_accept(distribution(logits, sampling), q, drafts, delta, limit, sampling.keys)
+    if not np.any(greedy):
+        return sampled
+    exact = greedy_accept(logits, drafts, delta, limit)
+    mask = mx.array(greedy)
+    return mx.where(mask, exact[0], sampled[0]), mx.where(mask, exact[1], sampled[1])
 
 
 def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
@@ -222,59 +251,199 @@ def plain_steps(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None, 
 
 
 @dataclass
-class Row:
-    """One prompt being decoded: its newest token (the next input) and its counters."""
+class Request:
+    """One prompt and its own settings: a row of a batch.
 
-    index: int
+    num_draft caps the drafts judged for this row (None: the policy's cap); seed gives
+    the row its own random stream (None: MLX's global generator). `index` is set by the
+    RequestQueue and names the row in Step records.
+    """
+
+    ids: list
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    delta: float = 0.0
+    num_draft: int = None
+    seed: int = None
+    stats: Stats = field(default_factory=Stats)
+    index: int = -1
+
+
+class RequestQueue:
+    """Requests waiting for a row: any thread may `put` or `cancel`; the step loop `take`s.
+
+    A cancelled request leaves the batch before the next step (or never joins it).
+    """
+
+    def __init__(self, requests=()):
+        self.changed = threading.Condition()
+        self.waiting = deque()
+        self.cancelled = set()
+        self.count = 0
+        for request in requests:
+            self.put(request)
+
+    def put(self, request):
+        """Queue a request; return its index."""
+        with self.changed:
+            request.index = self.count
+            self.count += 1
+            self.waiting.append(request)
+            self.changed.notify_all()
+            return request.index
+
+    def take(self, count):
+        """Up to `count` waiting requests, oldest first, without waiting."""
+        with self.changed:
+            taken = []
+            while self.waiting and len(taken) < count:
+                request = self.waiting.popleft()
+                if request.index in self.cancelled:
+                    self.cancelled.discard(request.index)
+                else:
+                    taken.append(request)
+            return taken
+
+    def cancel(self, index):
+        """Drop request `index` wherever it is: waiting, or decoding (at the next step)."""
+        with self.changed:
+            self.cancelled.add(index)
+            self.changed.notify_all()
+
+    def leaving(self, indices):
+        """Of the rows `indices`, those cancelled; they are forgotten here."""
+        with self.changed:
+            gone = [index for index in indices if index in self.cancelled]
+            self.cancelled.difference_update(gone)
+            return gone
+
+    def wait(self, timeout=None):
+        """Block until a request waits (or timeout seconds pass); True if one does."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.waiting, timeout)
+
+    def __len__(self):
+        return len(self.waiting)
+
+
+@dataclass
+class Row:
+    """One request being decoded: its newest token (the next input), its counters, its random key."""
+
+    request: Request
     newest: int
-    stats: Stats
     began: float
+    key: object = None
     generated: int = 0
+
+    @property
+    def index(self):
+        return self.request.index
+
+    @property
+    def stats(self):
+        return self.request.stats
 
 
 class Batch:
-    """The rows being decoded together, the target's cache and the drafter, refilled from a queue."""
+    """The rows being decoded together, the target's cache and the drafter, refilled from a RequestQueue.
 
-    def __init__(self, target, drafter, prompts, stats, size):
-        self.target, self.drafter, self.prompts, self.stats = target, drafter, prompts, stats
-        self.waiting = iter(range(len(prompts)))
+    Rows leave when they finish or are cancelled; waiting requests take free places up
+    to `size` before every step, in the slots of leaving rows or in new ones.
+    """
+
+    def __init__(self, target, drafter, queue, size):
+        self.target, self.drafter, self.queue, self.size = target, drafter, queue, size
         self.rows, self.cache = [], None
-        newcomers = self.admit(size)
-        if newcomers:
-            self.rows, self.cache, firsts = newcomers
-            if drafter is not None:
-                drafter.start([prompts[row.index] for row in self.rows], firsts)
+        self.refill([])
 
     def admit(self, count):
-        """(rows, target cache, first tokens) for up to `count` waiting prompts, or None."""
-        indices = [i for _, i in zip(range(count), self.waiting)]
-        if not indices:
+        """(rows, target cache, first tokens) for up to `count` waiting requests, or None."""
+        requests = self.queue.take(count) if count > 0 else []
+        if not requests:
             return None
-        cache, firsts = self.target.start([self.prompts[i] for i in indices])
+        cache, firsts = self.target.start([r.ids for r in requests])
         now = time.perf_counter()
         # Stats accumulate across calls: time counts on from what they hold.
-        rows = [Row(i, first, self.stats[i], now - self.stats[i].seconds) for i, first in zip(indices, firsts)]
+        rows = [Row(r, first, now - r.stats.seconds, row_key(r.seed)) for r, first in zip(requests, firsts)]
         return rows, cache, firsts
 
-    def refill(self, finished):
-        """Replace finished rows (slots) with waiting prompts; drop the rest of them."""
-        newcomers = self.admit(len(finished)) if finished else None
-        if newcomers:
-            rows, fresh, firsts = newcomers
-            slots = finished[: len(rows)]
-            for slot, row in zip(slots, rows):
-                self.rows[slot] = row
-            self.cache.replace_rows(slots, fresh)
+    def plan(self, finished):
+        """What refill would do now: (slots leaving, their cancelled indices, newcomers or None).
+
+        Newcomers are taken from the queue here, so the plan is what happens.
+        """
+        cancelled = set(self.queue.leaving([row.index for row in self.rows]))
+        leaving = sorted(set(finished) | {slot for slot, row in enumerate(self.rows) if row.index in cancelled})
+        return leaving, cancelled, self.admit(self.size - len(self.rows) + len(leaving))
+
+    def refill(self, finished, plan=None):
+        """Let finished and cancelled rows (slots) go; fill free places with waiting requests.
+
+        Returns the indices of the cancelled rows that left.
+        """
+        leaving, cancelled, newcomers = plan or self.plan(finished)
+        if newcomers is None:
+            self.keep([slot for slot in range(len(self.rows)) if slot not in leaving])
+            return cancelled
+        rows, fresh, firsts = newcomers
+        prompts = [row.request.ids for row in rows]
+        if not self.rows or len(leaving) == len(self.rows) and len(rows) >= len(leaving):
+            self.rows, self.cache = rows, fresh
             if self.drafter is not None:
-                self.drafter.replace_rows(slots, [self.prompts[row.index] for row in rows], firsts)
-            finished = finished[len(rows) :]
-        if finished:
-            keep = [slot for slot in range(len(self.rows)) if slot not in finished]
-            self.rows = [self.rows[slot] for slot in keep]
-            if keep:
-                self.cache.keep_rows(keep)
-                if self.drafter is not None:
-                    self.drafter.keep_rows(keep)
+                self.drafter.start(prompts, firsts)
+            return cancelled
+        if len(rows) > len(leaving):
+            # More newcomers than free slots: grow by copies of row 0, replaced below.
+            grown = len(self.rows)
+            self.keep(list(range(grown)) + [0] * (len(rows) - len(leaving)))
+            leaving = leaving + list(range(grown, len(self.rows)))
+        slots = leaving[: len(rows)]
+        for slot, row in zip(slots, rows):
+            self.rows[slot] = row
+        self.cache.replace_rows(slots, fresh)
+        if self.drafter is not None:
+            self.drafter.replace_rows(slots, prompts, firsts)
+        self.keep([slot for slot in range(len(self.rows)) if slot not in leaving[len(rows):]])
+        return cancelled
+
+    def keep(self, slots):
+        """Keep the rows in `slots`, in that order (a slot may repeat); no change if that is all of them."""
+        if slots == list(range(len(self.rows))):
+            return
+        self.rows = [self.rows[slot] for slot in slots]
+        if slots:
+            self.cache.keep_rows(slots)
+            if self.drafter is not None:
+                self.drafter.keep_rows(slots)
+
+    def caps(self, policy):
+        """Each row's cap on drafts: its request's num_draft, else the policy's."""
+        return [policy.num_draft if row.request.num_draft is None else row.request.num_draft for row in self.rows]
+
+    def deltas(self):
+        """The rows' delta: one number when they share it, else a list."""
+        deltas = [row.request.delta for row in self.rows]
+        return deltas[0] if len(set(deltas)) == 1 else deltas
+
+    def sampling(self):
+        """(the drafter's, the verifier's) Sampling of this step, per row, with fresh random keys where rows have them."""
+        settings = Sampling.of_rows([row.request.sampling for row in self.rows])
+        if all(row.key is None for row in self.rows) or settings.greedy:
+            return settings, settings
+        for row in self.rows:
+            if row.key is None:  # an unseeded row beside seeded ones: a key from the global generator
+                row.key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        keys = split_rows(mx.stack([row.key for row in self.rows]), 3)
+        for row, next_key in zip(self.rows, keys[:, 0]):
+            row.key = next_key
+        draft, verify_ = (Sampling(settings.temperature, settings.top_k, settings.top_p, keys[:, i]) for i in (1, 2))
+        return draft, verify_
+
+
+def row_key(seed):
+    """A row's own random key, or None for the global generator."""
+    return None if seed is None else mx.random.key(seed)
 
 
 def speculative_steps(
@@ -282,34 +451,47 @@ def speculative_steps(
 ):
     """Decode many prompts, `batch_size` at a time, each at its own pace: yield a Step per row per step.
 
+    prompts: lists of token ids, all decoded with max_tokens, delta and sampling; or a
+    RequestQueue of Requests, each with its own settings, that may grow while this runs
+    (the generator ends when no row is left and none waits).
+
     Each step the policy picks k, the drafter proposes k tokens for every row, the target
     scores them in one call, and every row keeps its own accepted prefix plus one target
     token; the host reads the verdict once. After a step the target's cache holds, for
     each row, exactly its emitted tokens except the newest, which is the next step's
-    input. A finished row (EOS or max_tokens) makes room for the next prompt. With
-    drafter None this is plain decoding.
+    input. A finished or cancelled row leaves; waiting prompts join before the next step.
+    With drafter None this is plain decoding.
     """
-    stats = stats if stats is not None else [Stats() for _ in prompts]
-    batch = Batch(target, drafter, prompts, stats, batch_size)
+    queue = prompts
+    if not isinstance(prompts, RequestQueue):
+        stats = stats if stats is not None else [Stats() for _ in prompts]
+        queue = RequestQueue(Request(ids, max_tokens, sampling, delta, stats=s) for ids, s in zip(prompts, stats))
+    batch = Batch(target, drafter, queue, batch_size)
     # Prompt lookup proposes from the text so far, so its next step waits for this one's read.
     pipelined = drafter is None or isinstance(drafter, ModelDrafter)
     queued = None  # (k, its launched pass or None): the step after a plain one, chosen before that one's read
     while batch.rows:
         began = time.perf_counter()
         rows = batch.rows
-        remaining = [max_tokens - row.generated for row in rows]
-        k, launched = queued or (choose_k(drafter, policy, rows, remaining), None)
+        remaining = [row.request.max_tokens - row.generated for row in rows]
+        caps, deltas = batch.caps(policy), batch.deltas()
+        k, launched = queued or (choose_k(drafter, policy, rows, remaining, caps), None)
         newest = [row.newest for row in rows]
         drafting = time.perf_counter()
-        table, real = launched or draft_and_verify(target, drafter, batch.cache, newest, k, delta, sampling)
+        if launched is None:
+            draft_sampling, verify_sampling = batch.sampling()
+            launched = draft_and_verify(target, drafter, batch.cache, newest, k, deltas, draft_sampling,
+                                        verify_sampling, caps)
+        table, real = launched
         queued = None
         if k == 0 and pipelined and min(remaining) > 1:
             # As plain decoding does: a plain step waits on no draft, so the next step is chosen now
             # and, if plain too, queued before this one is read, and the device never idles.
-            upcoming = choose_k(drafter, policy, rows, [left - 1 for left in remaining])
+            upcoming = choose_k(drafter, policy, rows, [left - 1 for left in remaining], caps)
             queued = (upcoming, None)
             if upcoming == 0:
-                queued = (0, draft_and_verify(target, drafter, batch.cache, table[:, -1], 0, delta, sampling))
+                _, verify_sampling = batch.sampling()
+                queued = (0, draft_and_verify(target, drafter, batch.cache, table[:, -1], 0, deltas, verify_sampling))
                 mx.async_eval(queued[1][0])
         table = table.tolist()
         verified = time.perf_counter()
@@ -335,34 +517,42 @@ def speculative_steps(
                 finished.append(slot)
                 policy.forget(row.index)
             yield record
-        if finished and queued is not None:
+        plan = batch.plan(finished)
+        if queued is not None and (plan[0] or plan[2] is not None):
             if queued[1] is not None:
-                batch.cache.trim(1)  # the queued plain pass fed rows that are leaving: undo it
+                batch.cache.trim(1)  # the queued plain pass fed rows that are leaving or gaining company: undo it
             queued = None
-        batch.refill(finished)
+        for index in batch.refill(finished, plan):
+            policy.forget(index)
 
 
-def choose_k(drafter, policy, rows, remaining):
-    """The policy's k for the coming step of `rows`, within the tokens they have left (0 without a drafter)."""
+def choose_k(drafter, policy, rows, remaining, caps=None):
+    """The policy's k for the coming step of `rows`, within the tokens they have left and their caps
+    (0 without a drafter)."""
     if drafter is None:
         return 0
-    cap = drafter.available(min(policy.num_draft, max(remaining) - 1))
+    caps = caps or [policy.num_draft] * len(rows)
+    cap = drafter.available(min(policy.num_draft, max(min(c, left - 1) for c, left in zip(caps, remaining))))
     return policy.choose([row.index for row in rows], cap)
 
 
-def draft_and_verify(target, drafter, cache, newest, k, delta, sampling):
+def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_sampling=None, caps=None):
     """Draft k tokens per row, score them with the target, verify: one host read.
 
-    newest: each row's input token, a list or an array on the device. Returns (a table on the
+    newest: each row's input token, a list or an array on the device; delta: one value or
+    one per row; sampling is the drafter's, verify_sampling the verifier's (default: the
+    same); caps (per row) limit how many drafts a row may accept. Returns (a table on the
     device, per row [accepted count, draft 1 .. draft k, target token]; real drafts per row).
     """
     drafts = mx.zeros((len(newest), 0), mx.int32)
     q = limit = None
     if k > 0:
         drafts, q, limit = drafter.propose(newest, k, sampling)
+        if caps is not None and min(caps) < k:
+            limit = [min(real, cap) for real, cap in zip(limit or [k] * len(newest), caps)]
     inputs = newest if isinstance(newest, mx.array) else mx.array(newest, mx.int32)
     logits = target.decode(mx.concatenate([inputs[:, None], drafts], axis=1), cache)
-    counts, tokens = verify(logits, drafts, q, limit, delta, sampling)
+    counts, tokens = verify(logits, drafts, q, limit, delta, verify_sampling or sampling)
     table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32)
     # The drafter said on the host how many drafts are real: no need to send that through the device.
     return table, ([k] * len(newest) if limit is None else limit)

@@ -12,8 +12,9 @@ mass on each proposed token); counts says how many of each row's k drafts are re
 """
 
 import mlx.core as mx
+import numpy as np
 
-from sampling import distribution, sample
+from sampling import distribution, sample, split_rows
 
 
 def left_padded(sequences):
@@ -55,17 +56,22 @@ class ModelDrafter:
         return cap
 
     def propose(self, newest, k, sampling):
-        """k tokens per row after `newest`; nothing here waits on the device."""
+        """k tokens per row after `newest` (sampling: one setting, or one per row); nothing here waits on the device."""
         inputs, padding = left_padded([unseen + [token] for unseen, token in zip(self.unseen, newest)])
         tokens, dists = [], []
-        for _ in range(k):
+        # Rows with their own random streams draw draft i from their key's i-th part.
+        keys = split_rows(sampling.keys, k) if k and sampling.keys is not None else None
+        greedy = sampling.greedy_rows
+        for i in range(k):
             logits = self.model.decode(inputs, self.cache, padding)[:, -1]
             padding = None
             if sampling.greedy:
                 token = mx.argmax(logits, axis=-1)
             else:
                 dists.append(distribution(logits, sampling))
-                token = sample(dists[-1])
+                token = sample(dists[-1], None if keys is None else keys[:, i])
+                if np.any(greedy):  # greedy rows beside sampled ones keep the draft's argmax
+                    token = mx.where(mx.array(greedy), mx.argmax(logits, axis=-1), token)
             token = token.astype(mx.int32)
             mx.async_eval(token)
             tokens.append(token)

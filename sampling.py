@@ -1,44 +1,107 @@
-"""How a token is chosen from logits: greedy, or sampled after temperature, top-k and top-p."""
+"""How a token is chosen from logits: greedy, or sampled after temperature, top-k and top-p.
+
+Every setting is one value for all rows (the common case) or a list with one value per
+row of a batch (a server mixes requests); `keys` gives rows their own random streams.
+"""
 
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 GREEDY_TEMPERATURE = 1e-6
 
 
 @dataclass
 class Sampling:
-    """How a token is chosen from logits; temperature <= 1e-6 means greedy."""
+    """How a token is chosen from logits; temperature <= 1e-6 means greedy.
+
+    temperature, top_k and top_p: one value, or a list of one per row. keys: None (MLX's
+    global generator) or per-row random keys (batch, 2) for the coming draws.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    keys: object = None
+
+    @classmethod
+    def of_rows(cls, settings, keys=None):
+        """One Sampling for a batch whose rows have the Samplings `settings`; a setting all rows share stays one value."""
+
+        def column(name):
+            values = [getattr(s, name) for s in settings]
+            return values[0] if all(v == values[0] for v in values) else values
+
+        return cls(column("temperature"), column("top_k"), column("top_p"), keys)
+
+    @property
+    def greedy_rows(self):
+        """Whether each row is greedy: a bool for all rows, or a numpy array (batch,)."""
+        if isinstance(self.temperature, list):
+            return np.array(self.temperature) <= GREEDY_TEMPERATURE
+        return self.temperature <= GREEDY_TEMPERATURE
 
     @property
     def greedy(self):
-        return self.temperature <= GREEDY_TEMPERATURE
+        """Every row is greedy."""
+        return bool(np.all(self.greedy_rows))
+
+
+def per_row(values, ndim, dtype=mx.float32):
+    """A list of per-row values as an array (batch, 1, ...) that broadcasts against an ndim-dimensional one."""
+    return mx.array(values, dtype=dtype).reshape(-1, *([1] * (ndim - 1)))
 
 
 def distribution(logits, sampling: Sampling):
-    """Probabilities after temperature, top-k and top-p, over the last axis."""
-    logits = logits.astype(mx.float32) / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth_largest = mx.topk(logits, sampling.top_k, axis=-1).min(axis=-1, keepdims=True)
+    """Probabilities after temperature, top-k and top-p, over the last axis (greedy rows: temperature 1)."""
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
+    if isinstance(temperature, list):
+        temperature = per_row(np.where(sampling.greedy_rows, 1.0, temperature), logits.ndim)
+    logits = logits.astype(mx.float32) / temperature
+    vocab = logits.shape[-1]
+    if isinstance(top_k, list):
+        if any(0 < k < vocab for k in top_k):
+            # Each row's k-th largest logit: index k - 1 of the sorted logits (all of them where k is 0).
+            at = [k - 1 if 0 < k < vocab else vocab - 1 for k in top_k]
+            descending = -mx.sort(-logits, axis=-1)
+            index = mx.broadcast_to(per_row(at, logits.ndim, mx.int32), (*logits.shape[:-1], 1))
+            kth_largest = mx.take_along_axis(descending, index, axis=-1)
+            logits = mx.where(logits < kth_largest, -mx.inf, logits)
+    elif 0 < top_k < vocab:
+        kth_largest = mx.topk(logits, top_k, axis=-1).min(axis=-1, keepdims=True)
         logits = mx.where(logits < kth_largest, -mx.inf, logits)
     probs = mx.softmax(logits, axis=-1)
-    if sampling.top_p < 1.0:
+    cut = any(p < 1.0 for p in top_p) if isinstance(top_p, list) else top_p < 1.0
+    if cut:
         # Keep the smallest set of most likely tokens whose mass reaches top_p.
+        mass = per_row(top_p, probs.ndim) if isinstance(top_p, list) else top_p
         descending = -mx.sort(-probs, axis=-1)
         mass_before = mx.cumsum(descending, axis=-1) - descending
-        smallest_kept = mx.where(mass_before < sampling.top_p, descending, mx.inf).min(axis=-1, keepdims=True)
-        probs = mx.where(probs < smallest_kept, 0.0, probs)
-        probs = probs / probs.sum(axis=-1, keepdims=True)
+        smallest_kept = mx.where(mass_before < mass, descending, mx.inf).min(axis=-1, keepdims=True)
+        kept = mx.where(probs < smallest_kept, 0.0, probs)
+        kept = kept / kept.sum(axis=-1, keepdims=True)
+        # A row at top_p 1 keeps all of its distribution (rounding must not cut its tail).
+        probs = mx.where(mass >= 1.0, probs, kept) if isinstance(top_p, list) else kept
     return probs
 
 
+def split_rows(keys, num=2):
+    """Each row's key split in `num`: (batch, num, 2) from (batch, 2); None stays None."""
+    return None if keys is None else mx.vmap(lambda key: mx.random.split(key, num))(keys)
+
+
+def uniform(shape, keys=None):
+    """Uniform [0, 1) draws of `shape` (batch, ...): from each row's key, or the global generator."""
+    if keys is None or keys.ndim == 1:
+        return mx.random.uniform(shape=shape, key=keys)
+    return mx.vmap(lambda key: mx.random.uniform(shape=shape[1:], key=key))(keys)
+
+
 def sample(probs, key=None):
-    """One token index per row of `probs` (the global generator when key is None)."""
+    """One token index per row of `probs`: from `key` (one, or one per row (batch, 2)), or the global generator."""
+    if key is not None and key.ndim == 2:
+        return mx.vmap(lambda logprobs, row_key: mx.random.categorical(logprobs, key=row_key))(mx.log(probs), key)
     return mx.random.categorical(mx.log(probs), key=key)
 
 
@@ -46,4 +109,8 @@ def choose(logits, sampling: Sampling):
     """The next token for each row of logits (..., vocab)."""
     if sampling.greedy:
         return mx.argmax(logits, axis=-1)
-    return sample(distribution(logits, sampling))
+    chosen = sample(distribution(logits, sampling), sampling.keys)
+    greedy = sampling.greedy_rows
+    if np.any(greedy):
+        chosen = mx.where(mx.array(greedy), mx.argmax(logits, axis=-1), chosen)
+    return chosen
