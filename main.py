@@ -8,13 +8,13 @@ import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 
 import mlx.core as mx
 
+import api
 import calibration
 import cli
 import decoder
@@ -22,15 +22,12 @@ import distributed
 import drafters
 import model
 import policy
+from api import UsageError, check_lengths, load_models  # the server and scripts load and check the same way
 from textstream import TextStream, text_of
 
 DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
 OFFLINE = ("or see it work offline first: python benchmark.py builds a small synthetic pair in a minute and ends "
            "with the main.py command that runs on it")
-
-
-class UsageError(Exception):
-    """A bad command-line value; printed as one line, exit code 2."""
 
 
 def require(rules):
@@ -104,16 +101,12 @@ def build_parser():
 
 def check(args):
     """Raise UsageError for the first value out of range."""
+    problem = api.Settings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed, [], args.delta,
+                           args.num_draft, args.draft_schedule).problem(lambda name: "--" + name.replace("_", "-"))
     require([
         (args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both"),
         (args.model.strip() and args.draft_model.strip(), "--model and --draft-model must not be empty"),
-        (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
-        (0.0 <= args.delta <= 1.0, f"--delta must lie in [0, 1], got {args.delta}"),
-        (0.0 <= args.temperature < math.inf, f"--temperature must be finite and not negative, got {args.temperature}"),
-        (0.0 < args.top_p <= 1.0, f"--top-p must lie in (0, 1], got {args.top_p}"),
-        (args.top_k >= 0, f"--top-k must not be negative, got {args.top_k}"),
-        (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
-        (0 <= args.seed < 2**64, f"--seed must lie in [0, 2**64), got {args.seed}"),
+        (problem is None, problem),  # the decoding settings, checked as the server checks them
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
         (args.ngram_max >= 1, f"--ngram-max must be at least 1, got {args.ngram_max}"),
         (not (args.prompt_lookup and args.regular_decode), "--prompt-lookup and --regular-decode exclude each other"),
@@ -146,54 +139,12 @@ def read_prompt_file(path):
     return prompts
 
 
-def require_models(*paths):
-    """Raise a UsageError naming every model among `paths` (None: none wanted) that is not there."""
-    missing = [name for name in paths if name is not None and model.find(name) is None]
-    if missing:
-        raise UsageError(str(model.not_found(missing)))
-
-
 def require_default_models(args):
     """With main.py's default target not converted: one line that also shows the offline way in."""
     if args.model != build_parser().get_default("model") or model.find(args.model) is not None:
         return
     wanted = [args.model] + ([] if args.regular_decode or args.prompt_lookup else [args.draft_model])
     raise UsageError(f"{model.not_found([name for name in wanted if model.find(name) is None])}; {OFFLINE}")
-
-
-def load_models(target_path, draft_path=None, pipeline=None):
-    """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError.
-
-    pipeline: a distributed.Group over whose ranks the target is split (rank 0's side).
-    """
-    require_models(target_path, draft_path)
-    try:
-        target, tokenizer = model.load(target_path) if pipeline is None else distributed.load_target(target_path, pipeline)
-        draft, draft_tokenizer = (None, None) if draft_path is None else model.load(draft_path)
-    except model.LoadError as error:
-        raise UsageError(str(error)) from None
-    families = [type(m).__module__.split(".")[-1] for m in (distributed.local(target), draft) if m is not None]
-    if len(set(families)) > 1:
-        raise UsageError(f"draft and target are of different families ({families[1]} draft, {families[0]} target); "
-                         f"speculative decoding needs one family and one tokenizer")
-    if draft is not None and draft.vocab_size != target.vocab_size:
-        raise UsageError(
-            f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)"
-        )
-    # Same size is not enough: a token id must mean the same text to both.
-    if draft is not None and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
-    return target, draft, tokenizer
-
-
-def check_lengths(prompt_ids, max_tokens, models):
-    """A UsageError when a prompt plus max_tokens runs past a model's table of positions (GPT-2's)."""
-    # An empty prompt starts from one BOS token.
-    longest = max(max(len(ids), 1) for ids in prompt_ids) + max_tokens - 1
-    for m in models:
-        if m.max_positions is not None and longest > m.max_positions:
-            raise UsageError(f"the longest prompt plus --max-tokens needs {longest} positions; "
-                             f"the model has {m.max_positions}")
 
 
 def step_events(args, target, draft, prompt_ids, stats, chosen, indices):

@@ -1,0 +1,357 @@
+"""The Python API: load a target with its drafter once, then generate or stream text.
+
+    import api
+    pair = api.load("mlx_models/gpt2-xl", draft="mlx_models/gpt2")   # or prompt_lookup=True, or neither
+    done = api.generate(pair, "The meaning of life is", max_tokens=40)
+    print(done.text, done.finish_reason, done.stats.acceptance_rate)
+    for piece in api.stream(pair, "Once upon a time", temperature=0.8, seed=1, stop=["\\n\\n"]):
+        print(piece, end="", flush=True)
+
+main.py and server.py call the same functions; the server decodes its requests together
+through an `Engine` (continuous batching), each with its own `Settings`.
+"""
+
+import math
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import decoder
+import distributed
+import drafters
+import model
+from policy import make_policy
+from textstream import TextStream, text_of  # noqa: F401  (text_of: part of this interface)
+
+
+class UsageError(ValueError):
+    """A bad value, folder or prompt: its message is one line that says what to change."""
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue of waiting requests is full."""
+
+
+@dataclass
+class Pair:
+    """A loaded target, its draft model (or None), its tokenizer, and who drafts."""
+
+    target: object
+    draft: object
+    tokenizer: object
+    name: str
+    prompt_lookup: bool = False
+    ngram_max: int = 3
+
+    def drafter(self):
+        """A fresh Drafter for one run of the step loop, or None for plain decoding."""
+        if self.prompt_lookup:
+            return drafters.PromptLookupDrafter(self.ngram_max)
+        return decoder.as_drafter(self.draft)
+
+    @property
+    def models(self):
+        return [m for m in (self.target, self.draft) if m is not None]
+
+
+def load_models(target_path, draft_path=None, pipeline=None):
+    """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError.
+
+    pipeline: a distributed.Group over whose ranks the target is split (rank 0's side).
+    """
+    missing = [name for name in (target_path, draft_path) if name is not None and model.find(name) is None]
+    if missing:
+        raise UsageError(str(model.not_found(missing)))
+    try:
+        target, tokenizer = model.load(target_path) if pipeline is None else distributed.load_target(target_path, pipeline)
+        draft, draft_tokenizer = (None, None) if draft_path is None else model.load(draft_path)
+    except model.LoadError as error:
+        raise UsageError(str(error)) from None
+    families = [type(m).__module__.split(".")[-1] for m in (distributed.local(target), draft) if m is not None]
+    if len(set(families)) > 1:
+        raise UsageError(f"draft and target are of different families ({families[1]} draft, {families[0]} target); "
+                         f"speculative decoding needs one family and one tokenizer")
+    if draft is not None and draft.vocab_size != target.vocab_size:
+        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
+    # Same size is not enough: a token id must mean the same text to both.
+    if draft is not None and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
+    return target, draft, tokenizer
+
+
+def load(target, draft=None, prompt_lookup=False, ngram_max=3):
+    """Load a Pair: `target` and `draft` are converted folders or names under mlx_models/.
+
+    draft None and prompt_lookup False: plain decoding. prompt_lookup drafts by copying
+    from the prompt and the output (no draft model). Raises UsageError.
+    """
+    if draft is not None and prompt_lookup:
+        raise UsageError("give a draft model or prompt lookup, not both")
+    target_model, draft_model, tokenizer = load_models(target, draft)
+    return Pair(target_model, draft_model, tokenizer, Path(target).name, prompt_lookup, ngram_max)
+
+
+@dataclass
+class Settings:
+    """How one prompt is decoded.
+
+    max_tokens: tokens at most; temperature 0 is greedy, else sampling after top_k (0: all)
+    and top_p; seed: the row's own random stream (None: MLX's global generator); stop:
+    strings that end the text (left out of it); delta: acceptance relaxation in [0, 1];
+    num_draft: drafts per step at most; schedule: 'adaptive' or 'constant' (the engine
+    has one schedule for all rows).
+    """
+
+    max_tokens: int = 100
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = None
+    stop: list = field(default_factory=list)
+    delta: float = 0.0
+    num_draft: int = 5
+    schedule: str = "adaptive"
+
+    def problem(self, name=str):
+        """The first value out of range as one line, or None; name(field) spells a field (e.g. as a flag)."""
+        rules = [
+            (self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
+            (0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
+            (0.0 <= self.temperature < math.inf,
+             f"{name('temperature')} must be finite and not negative, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
+            (self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
+            (self.seed is None or 0 <= self.seed < 2**64, f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
+            (self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
+        ]
+        return next((message for ok, message in rules if not ok), None)
+
+    @property
+    def sampling(self):
+        return decoder.Sampling(self.temperature, self.top_k, self.top_p)
+
+
+def settings(**values):
+    """Settings from keyword arguments; an unknown name or a value out of range is a UsageError."""
+    unknown = set(values) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise UsageError(f"unknown setting {sorted(unknown)[0]!r}")
+    if isinstance(values.get("stop"), str):
+        values["stop"] = [values["stop"]]
+    chosen = Settings(**values)
+    message = chosen.problem()
+    if message:
+        raise UsageError(message)
+    return chosen
+
+
+def check_lengths(prompt_ids, max_tokens, models, name="--max-tokens"):
+    """A UsageError when a prompt plus max_tokens runs past a model's table of positions (GPT-2's)."""
+    # An empty prompt starts from one BOS token.
+    longest = max(max(len(ids), 1) for ids in prompt_ids) + max_tokens - 1
+    for m in models:
+        if m.max_positions is not None and longest > m.max_positions:
+            raise UsageError(f"the longest prompt plus {name} needs {longest} positions; "
+                             f"the model has {m.max_positions}")
+
+
+def encode(pair, prompt, max_tokens, name="max_tokens"):
+    """The prompt's token ids; a UsageError if it plus max_tokens does not fit the models' positions."""
+    ids = pair.tokenizer(prompt).input_ids
+    check_lengths([ids], max_tokens, pair.models, name)
+    return ids
+
+
+class StopText:
+    """Text handed on until a stop string appears; a tail that may begin one is held back."""
+
+    def __init__(self, stop):
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text, final=False):
+        """The part of `text` (after what is held back) that can be handed on; sets `stopped`."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        found = [at for at in (self.pending.find(s) for s in self.stop) if at >= 0]
+        if found:
+            self.stopped = True
+            return self.pending[: min(found)]
+        held = 0 if final else max((n for s in self.stop for n in range(len(s) - 1, 0, -1)
+                                    if self.pending.endswith(s[:n])), default=0)
+        given, self.pending = self.pending[: len(self.pending) - held], self.pending[len(self.pending) - held :]
+        return given
+
+
+class Generation:
+    """One request's output as its Step records arrive: whole characters, cut before a stop string.
+
+    `add(step)` returns the new text; `finish_reason` becomes "stop" (EOS or a stop string)
+    or "length" (max_tokens) when the request is done.
+    """
+
+    def __init__(self, tokenizer, eos_token_id, stop=()):
+        self.text = TextStream(tokenizer)
+        self.stop = StopText(stop)
+        self.eos_token_id = eos_token_id
+        self.tokens = []
+        self.finish_reason = None
+
+    def add(self, step):
+        self.tokens += step.tokens
+        piece = self.stop.feed(self.text.add(step.tokens))
+        if self.stop.stopped:
+            self.finish_reason = "stop"
+        elif step.finished:
+            piece += self.stop.feed(self.text.finish(), final=True)
+            self.finish_reason = "stop" if self.stop.stopped or self.tokens[-1] == self.eos_token_id else "length"
+        return piece
+
+
+@dataclass
+class Completion:
+    """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats."""
+
+    text: str
+    tokens: list
+    finish_reason: str
+    stats: decoder.Stats
+
+
+def request(pair, prompt, chosen, stats=None):
+    """A decoder.Request for text `prompt` (or token ids) with Settings `chosen`."""
+    ids = encode(pair, prompt, chosen.max_tokens) if isinstance(prompt, str) else list(prompt)
+    return decoder.Request(ids, chosen.max_tokens, chosen.sampling, chosen.delta, chosen.num_draft, chosen.seed,
+                           stats if stats is not None else decoder.Stats())
+
+
+def steps(pair, requests, policy, batch_size=1):
+    """decoder.Step records for `requests` (a list or a decoder.RequestQueue), decoded `batch_size` at a time."""
+    queue = requests if isinstance(requests, decoder.RequestQueue) else decoder.RequestQueue(requests)
+    return decoder.speculative_steps(pair.target, pair.drafter(), queue, None, policy, batch_size=batch_size)
+
+
+def stream_generation(pair, prompt, chosen, stats=None):
+    """Yield (new text, Generation) per step of one prompt until it is done."""
+    one = request(pair, prompt, chosen, stats)
+    generation = Generation(pair.tokenizer, pair.target.eos_token_id, chosen.stop)
+    for step in steps(pair, [one], make_policy(chosen.schedule, chosen.num_draft)):
+        yield generation.add(step), generation
+        if generation.finish_reason:
+            return
+
+
+def stream(pair, prompt, stats=None, **values):
+    """Yield the text of `prompt`'s continuation in whole characters as it is decided.
+
+    values: Settings' fields (max_tokens, temperature, top_k, top_p, seed, stop, delta,
+    num_draft, schedule). stats: a decoder.Stats to fill in. Raises UsageError.
+    """
+    for piece, _ in stream_generation(pair, prompt, settings(**values), stats):
+        if piece:
+            yield piece
+
+
+def generate(pair, prompt, **values):
+    """The Completion of `prompt` (text, token ids, finish_reason, stats); values as for `stream`."""
+    stats = decoder.Stats()
+    text, generation = "", None
+    for piece, generation in stream_generation(pair, prompt, settings(**values), stats):
+        text += piece
+    return Completion(text, generation.tokens, generation.finish_reason, stats)
+
+
+@dataclass
+class Event:
+    """What the engine tells a request's listener after a step: new text, and when done the finish reason."""
+
+    text: str
+    finish_reason: str = None
+    stats: decoder.Stats = None
+    error: str = None
+
+
+class Engine:
+    """Continuous batching: one thread owns MLX and decodes every submitted request in one batch.
+
+    A request joins the running batch at the next step, keeps its own Settings, and leaves
+    it when done, stopped or cancelled. Its listener is called on the engine's thread with
+    an Event after every step that gives it text, and once with its finish reason.
+    """
+
+    def __init__(self, pair, max_batch=8, max_queue=64, num_draft=5, schedule="adaptive", log=None):
+        self.pair, self.max_batch, self.max_queue, self.num_draft = pair, max_batch, max_queue, num_draft
+        self.policy = make_policy(schedule, num_draft)
+        self.queue = decoder.RequestQueue()
+        self.open = {}  # request index -> (Generation, listener)
+        self.lock = threading.Lock()
+        self.closed = False
+        self.log = log or (lambda message: None)
+        self.thread = threading.Thread(target=self.run, name="mlx-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, ids, chosen, listener):
+        """Queue token ids `ids` with Settings `chosen`; return the request's index. Raises QueueFull."""
+        with self.lock:
+            if self.closed or len(self.queue) >= self.max_queue:
+                raise QueueFull("the server is shutting down" if self.closed else
+                                f"{len(self.queue)} requests are waiting; try again later")
+            one = request(self.pair, ids, chosen)
+            one.num_draft = min(chosen.num_draft, self.num_draft)
+            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_id, chosen.stop)
+            index = self.queue.put(one)
+            self.open[index] = (generation, listener, one.stats)
+            return index
+
+    def cancel(self, index):
+        """Drop request `index` (a client went away); nothing more is sent to its listener."""
+        with self.lock:
+            if self.open.pop(index, None) is not None:
+                self.queue.cancel(index)
+
+    def close(self):
+        """Admit nothing more; end every open request with finish reason "abort"."""
+        with self.lock:
+            self.closed = True
+            ending = list(self.open.items())
+            self.open.clear()
+        for index, (_, listener, stats) in ending:
+            self.queue.cancel(index)
+            listener(Event("", "abort", stats))
+
+    def run(self):
+        while not self.closed:
+            if not self.queue.wait(timeout=0.2):
+                continue
+            try:
+                for step in steps(self.pair, self.queue, self.policy, self.max_batch):
+                    self.deliver(step)
+                    if self.closed:
+                        break
+            except Exception as error:  # noqa: BLE001  (the engine must outlive one bad batch)
+                self.log(f"decoding failed: {type(error).__name__}: {error}")
+                with self.lock:
+                    failed = list(self.open.items())
+                    self.open.clear()
+                for index, (_, listener, stats) in failed:
+                    self.queue.cancel(index)
+                    listener(Event("", None, stats, f"decoding failed: {error}"))
+
+    def deliver(self, step):
+        """Hand one Step record's text to its request; a request done by a stop string leaves the batch."""
+        with self.lock:
+            entry = self.open.get(step.index)
+        if entry is None:
+            return
+        generation, listener, stats = entry
+        piece = generation.add(step)
+        if generation.finish_reason:
+            with self.lock:
+                self.open.pop(step.index, None)
+            if not step.finished:
+                self.queue.cancel(step.index)
+        if piece or generation.finish_reason:
+            listener(Event(piece, generation.finish_reason, stats))

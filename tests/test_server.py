@@ -1,0 +1,239 @@
+"""server.py through the official openai client: continuous batching gives every request the target's own output."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx  # the HTTP client the openai package itself uses
+import pytest
+from conftest import ROOT, run_script
+
+import api
+import decoder
+import server
+
+openai = pytest.importorskip("openai")
+
+# A template of our own: the chat test can tell that it was applied.
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant> {% endif %}")
+PROMPTS = [
+    "Return the number of items.",
+    "Close the file.",
+    "Create a new parser with the given options",
+    "Sort",
+    "Write the rows to the CSV file using the dialect given",
+    "Join two paths.",
+]
+LONGEST = 24
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folders(pair_dirs, tmp_path_factory):
+    """A GPT-2 pair (learned positions: a prompt can run past them), the target's tokenizer given a chat template."""
+    target, draft = pair_dirs(0.05, family="gpt2")
+    root = tmp_path_factory.mktemp("served")
+    target = shutil.copytree(target, root / "target")
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=TEMPLATE)))
+    return target, draft
+
+
+def start_server(target, draft, *flags):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "server.py"), "--model", str(target), "--draft-model", str(draft),
+         "--port", str(port), *flags], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the server did not come up")
+
+
+@pytest.fixture(scope="module")
+def served(folders):
+    """(process, base url, client): a server batching up to 4 requests, 3 drafts per step, constant schedule."""
+    process, url = start_server(*folders, "--max-batch", "4", "--num-draft", "3", "--draft-schedule", "constant")
+    yield process, url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """The same pair loaded here (the tokenizer and the name the server uses)."""
+    return api.load(str(folders[0]), str(folders[1]))
+
+
+@pytest.fixture(scope="module")
+def reference(folders, tmp_path_factory):
+    """main.py's greedy tokens (--regular-decode: the target alone) for every prompt, LONGEST tokens each."""
+    prompt_file = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    result = run_script("main.py", "--model", folders[0], "--regular-decode", "--prompt-file", prompt_file,
+                        "--max-tokens", LONGEST, "--json")
+    assert result.returncode == 0, result.stderr
+    return {record["prompt"]: record["tokens"] for record in map(json.loads, result.stdout.splitlines())}
+
+
+def expected_text(loaded, reference, prompt, max_tokens):
+    return api.text_of(loaded.tokenizer, reference[prompt][:max_tokens])
+
+
+def complete(client, model, prompt, **settings):
+    return client.completions.create(model=model, prompt=prompt, **settings)
+
+
+def test_models_and_health(served, loaded):
+    _, url, client = served
+    assert [m.id for m in client.models.list().data] == [loaded.name]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_concurrent_greedy_requests_equal_main_alone(served, loaded, reference):
+    """Mixed lengths and settings share batches (some rows sample); every greedy one is main.py's output."""
+    _, _, client = served
+    jobs = []
+    for i, prompt in enumerate(PROMPTS * 2):
+        settings = dict(max_tokens=[LONGEST, 5, 17, 1, 11, 24][i % 6], temperature=0.0,
+                        extra_body=dict(num_draft=1 + i % 3, top_k=[0, 5][i % 2]))
+        jobs.append((prompt, settings))
+    sampled = [(PROMPTS[0], dict(max_tokens=20, temperature=1.0, seed=i)) for i in range(3)]
+    with ThreadPoolExecutor(len(jobs) + len(sampled)) as pool:
+        futures = [pool.submit(complete, client, loaded.name, prompt, **settings) for prompt, settings in jobs + sampled]
+        responses = [f.result() for f in futures]
+    for (prompt, settings), response in zip(jobs, responses):
+        choice = response.choices[0]
+        assert choice.text == expected_text(loaded, reference, prompt, settings["max_tokens"]), (prompt, settings)
+        assert response.usage.completion_tokens <= settings["max_tokens"]
+        spec = response.model_extra["speculative"]
+        assert spec["accepted"] <= spec["drafted"] and spec["target_calls"] >= 1
+        full = len(reference[prompt][: settings["max_tokens"]]) == settings["max_tokens"]
+        assert choice.finish_reason == ("length" if full else "stop")
+
+
+def test_stream_equals_whole_response(served, loaded):
+    _, _, client = served
+    for prompt in PROMPTS[:3]:
+        whole = complete(client, loaded.name, prompt, max_tokens=LONGEST, temperature=0)
+        pieces = list(complete(client, loaded.name, prompt, max_tokens=LONGEST, temperature=0, stream=True))
+        texts = [p.choices[0].text for p in pieces]
+        assert "".join(texts) == whole.choices[0].text
+        assert "\ufffd" not in "".join(texts[:-1]) or "\ufffd" in whole.choices[0].text
+        assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings_end_the_text_before_them(served, loaded, reference):
+    _, _, client = served
+    prompt = PROMPTS[2]
+    full = expected_text(loaded, reference, prompt, LONGEST)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), full
+    want = full[: full.find(stop)]
+    response = complete(client, loaded.name, prompt, max_tokens=LONGEST, temperature=0, stop=[stop, "\x00never"])
+    assert (response.choices[0].text, response.choices[0].finish_reason) == (want, "stop")
+    streamed = complete(client, loaded.name, prompt, max_tokens=LONGEST, temperature=0, stop=stop, stream=True)
+    assert "".join(p.choices[0].text for p in streamed) == want
+
+
+def test_chat_applies_the_template(served, loaded):
+    _, _, client = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Close the file."}]
+    response = client.chat.completions.create(model=loaded.name, messages=messages, max_tokens=12, temperature=0)
+    text = "<system> Be brief.\n<user> Close the file.\n<assistant> "
+    ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
+    plain = api.text_of(loaded.tokenizer, list(decoder.generate(loaded.target, ids, 12)))
+    assert response.choices[0].message.content == plain
+    assert response.usage.prompt_tokens == len(ids)
+    streamed = client.chat.completions.create(model=loaded.name, messages=messages, max_tokens=12, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == plain
+
+
+def test_seeded_sampling_reproduces(served, loaded):
+    _, _, client = served
+    runs = [complete(client, loaded.name, PROMPTS[1], max_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
+            .choices[0].text for seed in (3, 3, 4, 5)]
+    assert runs[0] == runs[1]
+    assert len(set(runs)) > 1  # three seeds all giving one text would mean the seed is ignored
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"{not json", "malformed JSON"),
+    (dict(prompt="x", max_tokens="ten"), "max_tokens"),
+    (dict(prompt="x", temperature=-1), "temperature"),
+    (dict(prompt="x", top_p=0), "top_p"),
+    (dict(prompt="x", n=2), "n must be 1"),
+    (dict(prompt="x", max_tokens=600), "positions"),
+    (dict(prompt="x", model="no-such-model"), "unknown model"),
+    (dict(max_tokens=3), "prompt"),
+])
+def test_bad_requests_get_400_and_the_server_goes_on(served, loaded, body, needle):
+    process, url, client = served
+    if isinstance(body, dict):
+        body = json.dumps({"model": loaded.name, **body}).encode()
+    reply = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert complete(client, loaded.name, "Sort", max_tokens=2).choices[0].text is not None
+    assert process.poll() is None
+
+
+def test_a_client_leaving_mid_stream_harms_no_one(served, loaded, reference):
+    _, url, client = served
+
+    def leave():
+        body = {"model": loaded.name, "prompt": PROMPTS[4], "max_tokens": 400, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as reply:
+            lines = reply.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+        return True  # closed after the first chunk
+
+    with ThreadPoolExecutor(4) as pool:
+        leaving = [pool.submit(leave) for _ in range(2)]
+        staying = [pool.submit(complete, client, loaded.name, p, max_tokens=LONGEST, temperature=0) for p in PROMPTS[:3]]
+        assert all(f.result() for f in leaving)
+        for prompt, future in zip(PROMPTS, staying):
+            assert future.result().choices[0].text == expected_text(loaded, reference, prompt, LONGEST)
+    assert complete(client, loaded.name, "Sort", max_tokens=3).choices[0].text is not None
+
+
+def test_sigterm_ends_open_streams_and_exits_0(folders, loaded):
+    process, url = start_server(*folders, "--max-batch", "2")
+    body = {"model": loaded.name, "prompt": PROMPTS[0], "max_tokens": 450, "stream": True, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as reply:
+        lines = reply.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data:")]
+    assert rest[-1] == "data: [DONE]"
+    assert process.wait(timeout=30) == 0
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_without_a_template_chat_joins_the_contents(loaded):
+    """T5 and base models have no chat template: the messages' contents joined by newlines."""
+    bare = type("Bare", (), {"chat_template": None})()
+    messages = [server.Message(role="user", content="one"), server.Message(role="user", content="two")]
+    assert server.chat_prompt(bare, messages) == ("one\ntwo", True)
+    assert server.chat_prompt(loaded.tokenizer, messages)[0] == "<user> one\n<user> two\n<assistant> "
