@@ -77,7 +77,7 @@ STEP_CALLS = 21
 STEP_CONTEXT = 64
 # The default run shows plain, a few g, adaptive and the verdict in under two minutes on a
 # 2-core CPU, the pair's build included; --full sweeps g 1..8 over twice the tokens.
-QUICK = dict(num_draft=[1, 2, 4], max_tokens=64, repeats=3)
+QUICK = dict(num_draft=[1, 2, 4], max_tokens=48, repeats=3)
 FULL = dict(num_draft=list(range(1, 9)), max_tokens=128, repeats=3)
 # Past these the machine was too busy, or the repeats too scattered, for a verdict.
 BUSY_SHARE = 0.25  # of the machine's CPU time, taken by other processes during the run

@@ -96,7 +96,7 @@ def test_the_tests_keep_their_own_synthetic_cache():
 
 def test_quick_default_and_full_sweep():
     quick, full = benchmark.parse_args([]), benchmark.parse_args(["--full"])
-    assert (quick.num_draft, quick.max_tokens, quick.repeats) == ([1, 2, 4], 64, 3)
+    assert (quick.num_draft, quick.max_tokens, quick.repeats) == ([1, 2, 4], 48, 3)
     assert (full.num_draft, full.max_tokens) == (list(range(1, 9)), 128)
     mine = benchmark.parse_args(["--full", "--num-draft", "3", "--max-tokens", "9", "--repeats", "1"])
     assert (mine.num_draft, mine.max_tokens, mine.repeats) == ([3], 9, 1)
