@@ -54,14 +54,19 @@ class Pair:
         return [m for m in (self.target, self.draft) if m is not None]
 
 
+def require_models(*paths):
+    """Raise a UsageError naming every model among `paths` (None: none wanted) that is not there."""
+    missing = [name for name in paths if name is not None and model.find(name) is None]
+    if missing:
+        raise UsageError(str(model.not_found(missing)))
+
+
 def load_models(target_path, draft_path=None, pipeline=None):
     """(target, draft or None, tokenizer); a bad folder or mismatched vocabularies is a UsageError.
 
     pipeline: a distributed.Group over whose ranks the target is split (rank 0's side).
     """
-    missing = [name for name in (target_path, draft_path) if name is not None and model.find(name) is None]
-    if missing:
-        raise UsageError(str(model.not_found(missing)))
+    require_models(target_path, draft_path)
     try:
         target, tokenizer = model.load(target_path) if pipeline is None else distributed.load_target(target_path, pipeline)
         draft, draft_tokenizer = (None, None) if draft_path is None else model.load(draft_path)

@@ -22,7 +22,7 @@ import distributed
 import drafters
 import model
 import policy
-from api import UsageError, check_lengths, load_models  # the server and scripts load and check the same way
+from api import UsageError, check_lengths, load_models, require_models  # noqa: F401  (one way to load and check)
 from textstream import TextStream, text_of
 
 DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
