@@ -11,6 +11,8 @@ main.py and server.py call the same functions; the server decodes its requests t
 through an `Engine` (continuous batching), each with its own `Settings`.
 """
 
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux: `import api` may come first)
+
 import math
 import threading
 from dataclasses import dataclass, field, fields
