@@ -257,13 +257,17 @@ class Setting:
     lookup: bool = False
     delta: float = 0.0
     runs: list = field(default_factory=list)
-    calibrated: bool = False  # adaptive: each run starts from `costs`, as on a machine with kept step costs
-    costs: object = None  # policy.Components at batch size 1, measured before the rounds
+    # Adaptive: each run starts from kept step costs and acceptance, as main.py's runs do on a calibrated
+    # machine: `costs` measured before the rounds, then both as the previous run left them.
+    calibrated: bool = False
+    costs: object = None  # policy.Components at batch size 1
+    pooled: list = None  # [accepted, judged]
 
     def new_policy(self):
         """A fresh step policy for each run, as each new process starts one."""
-        costs = policy.StepCosts({1: self.costs}) if self.calibrated and self.costs is not None else None
-        return policy.make_policy(self.schedule, self.g, costs)
+        if self.calibrated and self.costs is not None:
+            return calibration.starting_from(self.g, 1, self.costs, self.pooled)
+        return policy.make_policy(self.schedule, self.g)
 
     def run(self, target, draft, prompt_ids, max_tokens, sampling):
         if self.g == 0:
@@ -279,6 +283,9 @@ class Setting:
             outputs.append([token for record in records for token in record.tokens])
             steps.extend(records)
         self.runs.append(Run(time.perf_counter() - began, outputs, stats, steps))
+        if self.calibrated:
+            costs, pooled = calibration.learned(chosen, 1)
+            self.costs, self.pooled = costs or self.costs, pooled or self.pooled
 
 
 def measure_steps(target, draft, prompt_ids, most, calls=STEP_CALLS):

@@ -200,10 +200,14 @@ def adaptive_policy(num_draft, fields, file=None):
     entry = lookup(fields, file)
     if entry is None:
         return policy.AdaptivePolicy(num_draft)
-    costs = policy.StepCosts({fields["batch"]: components(entry)})
     pooled = entry.get("acceptance")
     valid = isinstance(pooled, list) and len(pooled) == 2 and 0 <= pooled[0] <= pooled[1]
-    return policy.AdaptivePolicy(num_draft, costs, scaled_acceptance(pooled) if valid else None)
+    return starting_from(num_draft, fields["batch"], components(entry), scaled_acceptance(pooled) if valid else None)
+
+
+def starting_from(num_draft, batch, costs, pooled=None):
+    """An AdaptivePolicy that knows the step costs (policy.Components) at `batch` and a pooled acceptance."""
+    return policy.AdaptivePolicy(num_draft, policy.StepCosts({batch: costs}), pooled)
 
 
 def scaled_acceptance(pooled):
@@ -212,13 +216,21 @@ def scaled_acceptance(pooled):
     return [pooled[0] * factor, pooled[1] * factor]
 
 
+def learned(chosen, batch):
+    """(costs, pooled acceptance) worth keeping from an adaptive run: its batch size's costs as it
+    measured them (None if uncalibrated there) and its acceptance (None if it judged no draft)."""
+    costs = chosen.costs.calibration(batch) if isinstance(chosen, policy.AdaptivePolicy) else None
+    pooled = getattr(chosen, "pooled", [0, 0])
+    return costs, (scaled_acceptance(pooled) if pooled[1] else None)
+
+
 def remember(chosen, fields, file=None):
-    """Write back what an adaptive run measured, if its batch size is calibrated: the costs rescaled
-    to the steps it timed, and its pooled acceptance. Returns whether it wrote."""
-    costs = getattr(getattr(chosen, "costs", None), "calibration", lambda batch: None)(fields["batch"])
+    """Write back what an adaptive run measured, if its batch size is calibrated: the costs as it
+    measured them, and its pooled acceptance. Returns whether it wrote."""
+    costs, pooled = learned(chosen, fields["batch"])
     if costs is None:
         return False
-    store(fields, costs, scaled_acceptance(chosen.pooled) if chosen.pooled[1] else None, file)
+    store(fields, costs, pooled, file)
     return True
 
 

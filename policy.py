@@ -223,7 +223,8 @@ class AdaptivePolicy:
     # a few rejections in a row do not drop it to k 1, where each step judges one draft
     # and the estimate would take many steps to recover.
     memory = 0.97
-    probe_after = 32  # plain steps in a row before one draft token is tried again
+    probe_after = 32  # plain steps in a row before one draft token is tried again ...
+    probe_after_most = 512  # ... a gap that doubles each time that draft is rejected, up to this
     refresh_every = 16  # steps between timings of a neighbour of the best k, whose cost would go stale
     explored = 3  # ks 0 .. explored - 1 are timed first where no calibration predicts them
 
@@ -233,6 +234,8 @@ class AdaptivePolicy:
         self.rows = {}  # row index -> [accepted, judged], decayed
         self.pooled = list(pooled) if pooled is not None else [0.0, 0.0]  # [accepted, judged] over all rows
         self.plain_streak = 0
+        self.probe_gap = self.probe_after
+        self.probing = False
         self.steps = 0
 
     def acceptance(self, row):
@@ -262,10 +265,11 @@ class AdaptivePolicy:
             return k in rates and batch * (k + 1) / seconds[k] > rates[best]
 
         self.plain_streak = self.plain_streak + 1 if best == 0 else 0
-        if self.plain_streak > self.probe_after and cap > 0:
+        if self.plain_streak > self.probe_gap and cap > 0:
             # Acceptance is only seen while drafting: look again now and then.
             self.plain_streak = 0
             if could_pay(1):
+                self.probing = True
                 return 1
         self.steps += 1
         if best > 0 and self.steps % self.refresh_every == 0:
@@ -280,6 +284,9 @@ class AdaptivePolicy:
     def observe(self, rows, k, drafted, accepted, seconds):
         """Learn from a finished step: k drafts asked for, `drafted` and `accepted` per row, its wall time."""
         self.costs.record(len(rows), k, seconds)
+        if self.probing:  # a draft that keeps being rejected is looked at ever more rarely
+            self.probing = False
+            self.probe_gap = self.probe_after if any(accepted) else min(2 * self.probe_gap, self.probe_after_most)
         for row, proposed, count in zip(rows, drafted, accepted):
             judged = min(proposed, count + 1)  # drafts are judged until the first rejection
             past = self.rows.get(row, (0.0, 0.0))
@@ -292,7 +299,6 @@ class AdaptivePolicy:
         self.rows.pop(row, None)
 
 
-def make_policy(schedule, num_draft, costs=None, pooled=None):
-    """The policy a --draft-schedule names: 'adaptive' (num_draft is its cap; costs and pooled
-    acceptance to start from, if known) or 'constant'."""
-    return AdaptivePolicy(num_draft, costs, pooled) if schedule == "adaptive" else ConstantPolicy(num_draft)
+def make_policy(schedule, num_draft):
+    """The policy a --draft-schedule names: 'adaptive' (num_draft is its cap) or 'constant'."""
+    return AdaptivePolicy(num_draft) if schedule == "adaptive" else ConstantPolicy(num_draft)

@@ -273,3 +273,22 @@ def test_kept_costs_follow_a_ks_own_steps():
     assert kept.verify_at(1) <= kept.verify_at(2) <= kept.verify_at(3)
     assert policy.AdaptivePolicy(1, policy.StepCosts({1: kept}), pooled=[7.0, 10.0]).choose([0], 1) == 1
     assert policy.AdaptivePolicy(1, policy.StepCosts({1: costs.components[1]}), pooled=[7.0, 10.0]).choose([0], 1) == 0
+
+
+def test_probes_back_off_while_their_drafts_are_rejected():
+    """A pair that never agrees: probes come after 32, 64, 128 ... plain steps; an accepted probe resets the gap."""
+    costs = costs_from([0.020, 0.030])
+    chosen = policy.AdaptivePolicy(1, costs)
+    chosen.rows[0] = (0.0, 50.0)
+    probes = []
+    for step in range(3000):
+        k = chosen.choose([0], cap=1)
+        if k:
+            probes.append(step)
+        chosen.observe([0], k, [k], [0], 0.02 + 0.01 * k)
+    gaps = [b - a - 1 for a, b in zip(probes, probes[1:])]
+    assert probes[0] == 32 and gaps[:4] == [64, 128, 256, 512] and set(gaps[4:]) == {512}
+    chosen.plain_streak = chosen.probe_gap + 1
+    assert chosen.choose([0], cap=1) == 1
+    chosen.observe([0], 1, [1], [1], 0.03)
+    assert chosen.probe_gap == policy.AdaptivePolicy.probe_after
