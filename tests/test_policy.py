@@ -292,3 +292,54 @@ def test_probes_back_off_while_their_drafts_are_rejected():
     assert chosen.choose([0], cap=1) == 1
     chosen.observe([0], 1, [1], [1], 0.03)
     assert chosen.probe_gap == policy.AdaptivePolicy.probe_after
+
+
+# Whole runs on simulated steps: the costs of a measured verify curve with 10% noise per step,
+# acceptance drawn per draft. Seeded, so each case is one fixed trajectory per policy.
+
+CURVES = {  # the target's pass over n tokens in one-token passes, and the draft/target cost ratio
+    "cpu": ([1.00, 1.22, 1.45, 1.57, 1.60, 1.79, 2.17, 2.28, 2.26], 0.147),  # this README's 2-core EPYC
+    "gpu": ([1.0, 1.02, 1.04, 1.06, 1.08, 1.10, 1.13, 1.16, 1.20], 0.1),  # a pass bound by reading weights
+}
+
+
+def simulated_rate(chosen, costs, a, rng, prompts=6, tokens=64):
+    """Tokens per simulated second of `chosen` deciding every step of prompts x tokens."""
+    import math
+
+    seconds = emitted = 0.0
+    for row in range(prompts):
+        done = 0
+        while done < tokens:
+            k = chosen.choose([row], min(8, tokens - done - 1))
+            accepted = 0
+            while accepted < k and rng.random() < a:
+                accepted += 1
+            step = costs.step(1, k) * math.exp(rng.gauss(0, 0.1))
+            chosen.observe([row], k, [k], [accepted], step)
+            seconds += step
+            done += min(accepted + 1, tokens - done)
+        chosen.forget(row)
+        emitted += done
+    return emitted / seconds
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+@pytest.mark.parametrize("a", [0.0, 0.5, 0.9])
+def test_simulated_runs_keep_up_with_the_best_constant(curve, a):
+    import random
+
+    ratios, c = CURVES[curve]
+    costs = policy.Components(0.0003, c * 0.02, {n: 0.02 * r for n, r in enumerate(ratios, 1)})
+
+    def rate(make):
+        return sum(simulated_rate(make(), costs, a, random.Random(seed)) for seed in range(6)) / 6
+
+    constants = {g: rate(lambda g=g: policy.ConstantPolicy(g)) for g in range(9)}
+    best = max(constants.values())
+    # Calibrated, with the acceptance a previous run kept: from the first prompt on.
+    kept = rate(lambda: policy.AdaptivePolicy(8, policy.StepCosts({1: costs}), [32 * a, 32]))
+    assert kept >= 0.96 * best and kept >= 0.99 * constants[0]
+    # Costs kept, acceptance not; nothing kept: it learns as it goes.
+    assert rate(lambda: policy.AdaptivePolicy(8, policy.StepCosts({1: costs}))) >= 0.94 * best
+    assert rate(lambda: policy.AdaptivePolicy(8)) >= 0.93 * best
