@@ -159,10 +159,10 @@ class StepCosts:
         estimates = {}
         for k in ks:
             median, count = medians.get(k, (0.0, 0))
-            if k not in prior:
-                estimates[k] = median
-            else:
+            if k in prior:
                 estimates[k] = (count * median + weight * prior[k]) / (count + weight)
+            elif count:
+                estimates[k] = median
         return estimates
 
     @staticmethod
