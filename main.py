@@ -169,18 +169,19 @@ def step_events(args, target, draft, prompt_ids, stats, chosen, indices):
         yield dataclasses.replace(step, index=indices[step.index])
 
 
-def kept_costs(args):
+def kept_costs(args, group):
     """The identity of this run's step costs kept by calibration.py, or None where none apply
-    (plain decoding, prompt lookup, the constant schedule)."""
+    (plain decoding, prompt lookup, the constant schedule). Ranks under mlx.launch keep their own."""
     if args.regular_decode or args.prompt_lookup or (args.draft_schedule != "adaptive" and not args.calibrate):
         return None
-    return calibration.identity(args.model, args.draft_model, args.batch_size)
+    fields = calibration.identity(args.model, args.draft_model, args.batch_size)
+    return fields if group.size == 1 else dict(fields, ranks=group.size, pipeline=args.pipeline)
 
 
-def calibrate(args, target, draft, prompt_ids):
+def calibrate(args, target, draft, prompt_ids, group):
     """Measure and keep this machine's step costs for the models, --num-draft and --batch-size; print them."""
     costs = calibration.measure(target, draft, prompt_ids[0], args.num_draft, args.batch_size)
-    calibration.store(kept_costs(args), costs)
+    calibration.store(kept_costs(args, group), costs)
     print(calibration.describe(costs, args.batch_size))
     print(f"kept in {calibration.path()}")
 
@@ -243,13 +244,13 @@ def run(args):
     prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
     check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     if args.calibrate:
-        calibrate(args, target, draft, prompt_ids)
+        calibrate(args, target, draft, prompt_ids, group)
         return
     if args.prompt_lookup:
         draft = drafters.PromptLookupDrafter(args.ngram_max)
     mx.random.seed(args.seed)
     stats = [decoder.Stats() for _ in prompts]
-    costs = kept_costs(args)
+    costs = kept_costs(args, group)
     # The adaptive schedule starts from this machine's kept step costs, if measured, and updates them.
     chosen = (calibration.adaptive_policy(args.num_draft, costs) if costs is not None
               else policy.make_policy(args.draft_schedule, args.num_draft))
