@@ -580,7 +580,7 @@ def distrust(results):
     one = results["verify_ms"]["1"]
     dear = [(int(n), ms / one) for n, ms in results["verify_ms"].items() if ms / one > int(n)]
     if dear:
-        n, cost = dear[-1]
+        n, cost = max(dear, key=lambda nc: nc[1] / nc[0])  # the most impossible one
         reasons.append(f"a target pass over {n} tokens measured {cost:.1f} one-token steps (a pass over n tokens "
                        f"costs at most n)")
     return reasons
@@ -686,8 +686,12 @@ def table(results, markdown=False):
 
 def fit(lines, width=100):
     """Lines of prose wrapped to a terminal's width (tables' rows, with "|" or column gaps, stay whole)."""
-    prose = lambda line: len(line) > width and "|" not in line and "  " not in line  # noqa: E731
-    return [part for line in lines for part in (textwrap.wrap(line, width) if prose(line) else [line])]
+    return [part for line in lines
+            for part in (textwrap.wrap(line, width) if len(line) > width and not table_row(line) else [line])]
+
+
+def table_row(line):
+    return "|" in line or "  " in line
 
 
 def batch_table(results, markdown=True):
