@@ -45,6 +45,7 @@ from mlx.utils import tree_flatten
 import cli
 import decoder
 import model
+import synthetic
 from models.base import Part
 
 CONNECT_TIMEOUT = float(os.environ.get("MLX_SPEC_CONNECT_TIMEOUT", 60))
@@ -141,18 +142,27 @@ class Watchdog:
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=STDERR, text=True)
         self.port = int(self.process.stdout.readline().split()[1])  # rank 0's listens; the others' say 0
+        self.lock = threading.Lock()
 
     def tell(self, line):
-        try:
-            self.process.stdin.write(line + "\n")
-            self.process.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            pass
+        with self.lock:  # the beat thread and the main thread both speak
+            try:
+                self.process.stdin.write(line + "\n")
+                self.process.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
 
     def connect(self, group):
         """Once MLX is connected: point every watchdog at rank 0's."""
         port = int(mx.distributed.all_sum(mx.array([self.port if group.rank == 0 else 0]), group=group.mx_group).item())
         self.tell(f"ranks {group.size}" if group.rank == 0 else f"peer {leader_address()} {port}")
+        threading.Thread(target=self.beat, daemon=True).start()
+
+    def beat(self):
+        """Tell the watchdog, every BEAT seconds, that this process still runs (not stopped, not hung)."""
+        while self.process.poll() is None:
+            self.tell("alive")
+            time.sleep(BEAT)
 
     def done(self):
         self.tell("done")
@@ -238,6 +248,7 @@ class Watch:
         self.listener = socket.create_server(("", 0)) if rank == 0 else None
         print(f"port {self.listener.getsockname()[1] if self.listener else 0}", flush=True)
         self.peers, self.expected, self.began, self.pending = {}, None, time.monotonic(), b""
+        self.parent_heard = None  # when the parent last said `alive`
 
     def fail(self, culprit, why):
         """Say which rank failed (None: rank 0 already did), stop the other ranks, kill the parent, end."""
@@ -257,11 +268,11 @@ class Watch:
             os._exit(0)
         *lines, self.pending = (self.pending + data).split(b"\n")
         for word, *rest in (line.decode().split() for line in lines):
-            if word == "done":
-                for peer in self.peers.values():
-                    peer.say("bye")
-                os._exit(0)
-            if word == "ranks":
+            if word == "alive":
+                self.parent_heard = time.monotonic()
+            elif word == "done":
+                self.leave()
+            elif word == "ranks":
                 self.expected = int(rest[0]) - 1
             elif word == "peer":
                 try:
@@ -271,6 +282,27 @@ class Watch:
                 self.peers[sock] = Peer(sock, 0)
                 self.peers[sock].say(f"rank {self.rank}")
                 self.expected = 1
+
+    def leave(self):
+        """Say `bye` to every peer and end. A socket closed with unread data (their beats) resets
+        the connection, which can lose the `bye`: so close only for writing, and read what the
+        peers still send until they close too, for a second at most."""
+        for peer in self.peers.values():
+            peer.say("bye")
+            try:
+                peer.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        open_ = list(self.peers)
+        deadline = time.monotonic() + 1.0
+        while open_ and time.monotonic() < deadline:
+            for sock in select.select(open_, [], [], max(0.0, deadline - time.monotonic()))[0]:
+                try:
+                    if not sock.recv(4096):
+                        open_.remove(sock)
+                except OSError:
+                    open_.remove(sock)
+        os._exit(0)
 
     def from_peer(self, peer):
         try:
@@ -311,6 +343,13 @@ class Watch:
                     self.fail(self.rank, f"waited {self.connect_timeout:g} s for the other ranks to connect "
                                          f"(are they all started, and is the hostfile right?)")
                 continue
+            if self.parent_heard is not None and now - self.parent_heard > self.heartbeat_timeout:
+                # This rank's own process is stopped or hung: end it. Rank 0 names itself; another
+                # rank's end shows at rank 0 as a closed connection, which rank 0 names.
+                if self.rank == 0:
+                    self.fail(0, f"stopped answering (no progress for {self.heartbeat_timeout:g} s)")
+                self.peers.clear()
+                self.fail(None, "")
             for peer in list(self.peers.values()):
                 if peer.bye:
                     continue
@@ -563,3 +602,33 @@ def serve(part, group):
             link.command(header, out)
         if op == "stop":
             return
+
+
+# ----- memory per rank -----------------------------------------------------------------------
+
+# DeepSeek-Coder 33B (Llama-shaped) and the 1.3B model that drafts for it, from their config.json.
+DEEPSEEK_CODER = dict(model_type="llama", vocab_size=32256, num_attention_heads=56, num_key_value_heads=8,
+                      rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0}, tie_word_embeddings=False)
+CHECKPOINTS = {
+    "t5-11b": (lambda: synthetic.real_config("t5-11b"), lambda: synthetic.real_config("t5-small")),
+    "deepseek-coder-33b": (
+        lambda: dict(DEEPSEEK_CODER, hidden_size=7168, intermediate_size=19200, num_hidden_layers=62),
+        lambda: dict(DEEPSEEK_CODER, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                     num_attention_heads=16, num_key_value_heads=16)),
+}
+
+
+def memory_table(ranks=(1, 2, 4)):
+    """README's table: GB of target weights on the fullest rank when T5-11B or DeepSeek-Coder 33B
+    is pipelined over `ranks` ranks, per weight format, and what the draft adds on rank 0."""
+    formats = synthetic.FORMATS
+    lines = ["| target | ranks | " + " | ".join(name for name, _, _ in formats) + " |", "|---" * (2 + len(formats)) + "|"]
+    drafts = []
+    for name, (target, draft) in CHECKPOINTS.items():
+        config, sizes = target(), unit_bytes(target())
+        for n in ranks:
+            fullest = [max(model.weight_bytes(config, b, q, part) for part in split(sizes, n)) for _, b, q in formats]
+            lines.append(f"| {name} | {n} | " + " | ".join(f"{size / 1e9:.1f} GB" for size in fullest) + " |")
+        drafts.append(f"| {name}'s draft (rank 0) | | "
+                      + " | ".join(f"{model.weight_bytes(draft(), b, q) / 1e9:.2f} GB" for _, b, q in formats) + " |")
+    return "\n".join(lines + drafts)

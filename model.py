@@ -180,6 +180,18 @@ def part_name(model, name):
     return name
 
 
+def part_names(model):
+    """rename(stored name) -> its name in `model`, a pipeline part, or None for a tensor of a layer it does not hold."""
+    # Quantized layers add .scales and .biases to what the float model holds: match by layer.
+    held = {name.rsplit(".", 1)[0] for name, _ in tree_flatten(model.parameters())}
+
+    def rename(name):
+        local = part_name(model, name)
+        return local if local is not None and local.rsplit(".", 1)[0] in held else None
+
+    return rename
+
+
 def cast_weights(files, dtype, rename=None):
     """Every tensor in `files`: floating ones cast to `dtype`, packed quantized ones as stored.
 
@@ -228,15 +240,7 @@ def load_model(path, dtype=None, part=None):
     path = Path(path)
     config = read_config(path)
     model = build(config, path / "config.json", part)  # lazy: its random initial weights are never computed
-    rename = None
-    if part is not None:
-        # Quantized layers add .scales and .biases to what the float model holds.
-        held = {name.rsplit(".", 1)[0] for name, _ in tree_flatten(model.parameters())}
-
-        def rename(name):
-            local = part_name(model, name)
-            return local if local is not None and local.rsplit(".", 1)[0] in held else None
-
+    rename = None if part is None else part_names(model)
     weights = cast_weights(weight_files(path), dtype or default_dtype(), rename)
     quantize_layers(model, config, weights)
     try:
