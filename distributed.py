@@ -445,8 +445,11 @@ def parts(path, group):
 
 
 def load_target(path_or_name, group, dtype=None):
-    """(PipelinedTarget, tokenizer): rank 0's side of the target pipelined over `group`."""
+    """(PipelinedTarget, tokenizer): rank 0's side of the target pipelined over `group`
+    (the whole target in a group of one)."""
     path = model.resolve(path_or_name)
+    if group.size == 1:
+        return model.load(path, dtype)
     part, tokenizer = model.load(path, dtype, parts(path, group)[0])
     return PipelinedTarget(part, group), tokenizer
 

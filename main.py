@@ -245,7 +245,7 @@ def run(args):
     check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     if args.calibrate:
         calibrate(args, target, draft, prompt_ids, group)
-        return
+        return distributed.finish(target, group)
     if args.prompt_lookup:
         draft = drafters.PromptLookupDrafter(args.ngram_max)
     mx.random.seed(args.seed)
