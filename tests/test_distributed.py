@@ -269,6 +269,18 @@ def test_split_cuts_the_stack_into_contiguous_parts_one_per_rank(sizes, ranks):
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:])) and all(p.start < p.stop for p in parts)
 
 
+@settings(max_examples=50, deadline=None)
+@given(count=st.integers(0, 40), ranks=st.integers(1, 6), seed=st.integers(0, 2**64 - 1))
+def test_shares_cover_every_prompt_once_and_seeds_do_not_depend_on_ranks(count, ranks, seed):
+    groups = [distributed.Group() for _ in range(ranks)]
+    for rank, group in enumerate(groups):
+        group.rank, group.size = rank, ranks
+    shares = [list(distributed.share(count, group)) for group in groups]
+    assert sorted(i for share in shares for i in share) == list(range(count))
+    assert distributed.prompt_seed(seed, 0) == seed  # one prompt samples as it did before ranks existed
+    assert len({distributed.prompt_seed(seed, i) for i in range(count)}) == count
+
+
 @settings(max_examples=20, deadline=None)
 @given(data=st.data(), family=st.sampled_from(["t5", "llama", "gpt2"]), ranks=st.integers(1, 3),
        lengths=st.lists(st.integers(0, 6), min_size=1, max_size=3), new=st.integers(1, 4))
