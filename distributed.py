@@ -141,7 +141,6 @@ class Watchdog:
                    f"import distributed; distributed.watch({rank}, {CONNECT_TIMEOUT}, {HEARTBEAT_TIMEOUT})"]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=STDERR, text=True)
-        self.port = int(self.process.stdout.readline().split()[1])  # rank 0's listens; the others' say 0
         self.lock = threading.Lock()
 
     def tell(self, line):
@@ -154,7 +153,9 @@ class Watchdog:
 
     def connect(self, group):
         """Once MLX is connected: point every watchdog at rank 0's."""
-        port = int(mx.distributed.all_sum(mx.array([self.port if group.rank == 0 else 0]), group=group.mx_group).item())
+        # Read only now: the watchdog starts up while MLX connects.
+        mine = int(self.process.stdout.readline().split()[1])  # rank 0's listens; the others' say 0
+        port = int(mx.distributed.all_sum(mx.array([mine]), group=group.mx_group).item())
         self.tell(f"ranks {group.size}" if group.rank == 0 else f"peer {leader_address()} {port}")
         threading.Thread(target=self.beat, daemon=True).start()
 
