@@ -46,6 +46,8 @@ class Tokenizer:
     Any other attribute comes from transformers' tokenizer of the same folder, loaded once.
     """
 
+    chat_template = None  # load() gives a folder with one to transformers
+
     def __init__(self, folder, config):
         self.folder, self.config = Path(folder), config
         self._reference = None

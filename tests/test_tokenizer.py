@@ -60,7 +60,7 @@ def test_each_folder_takes_its_path(pairs):
 def test_vocabulary_and_special_tokens_match(pairs, kind):
     ours, theirs = pairs[kind]
     assert ours.get_vocab() == theirs.get_vocab() and len(ours) == len(theirs)
-    for name in ("eos_token_id", "pad_token_id", "unk_token_id", "bos_token_id"):
+    for name in ("eos_token_id", "pad_token_id", "unk_token_id", "bos_token_id", "chat_template"):
         assert getattr(ours, name) == getattr(theirs, name), name
 
 
