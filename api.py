@@ -294,7 +294,7 @@ class Engine:
         self.policy = make_policy(schedule, num_draft)
         self.queue = decoder.RequestQueue()
         self.open = {}  # request index -> (Generation, listener)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # close() may run in a signal handler while this thread holds it
         self.closed = False
         self.log = log or (lambda message: None)
         self.thread = threading.Thread(target=self.run, name="mlx-engine", daemon=True)

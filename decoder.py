@@ -368,14 +368,21 @@ class Batch:
         rows = [Row(r, first, now - r.stats.seconds, row_key(r.seed)) for r, first in zip(requests, firsts)]
         return rows, cache, firsts
 
-    def plan(self, finished):
+    def plan(self, finished, wait=False):
         """What refill would do now: (slots leaving, their cancelled indices, newcomers or None).
 
-        Newcomers are taken from the queue here, so the plan is what happens.
+        Newcomers are taken from the queue here, so the plan is what happens; with `wait`
+        they are left waiting unless rows leave anyway.
         """
         cancelled = set(self.queue.leaving([row.index for row in self.rows]))
         leaving = sorted(set(finished) | {slot for slot, row in enumerate(self.rows) if row.index in cancelled})
+        if wait and not leaving:
+            return leaving, cancelled, None
         return leaving, cancelled, self.admit(self.size - len(self.rows) + len(leaving))
+
+    def joining(self):
+        """Whether waiting requests would join before the next step (the batch has room for them)."""
+        return len(self.queue) > 0 and len(self.rows) < self.size
 
     def refill(self, finished, plan=None):
         """Let finished and cancelled rows (slots) go; fill free places with waiting requests.
@@ -484,7 +491,7 @@ def speculative_steps(
                                         verify_sampling, caps)
         table, real = launched
         queued = None
-        if k == 0 and pipelined and min(remaining) > 1:
+        if k == 0 and pipelined and min(remaining) > 1 and not batch.joining():
             # As plain decoding does: a plain step waits on no draft, so the next step is chosen now
             # and, if plain too, queued before this one is read, and the device never idles.
             upcoming = choose_k(drafter, policy, rows, [left - 1 for left in remaining], caps)
@@ -517,7 +524,9 @@ def speculative_steps(
                 finished.append(slot)
                 policy.forget(row.index)
             yield record
-        plan = batch.plan(finished)
+        # A queued pass is undone if the rows change: a newcomer that came after it was queued waits
+        # one step (none is queued while newcomers wait), unless rows leave anyway.
+        plan = batch.plan(finished, wait=queued is not None and queued[1] is not None)
         if queued is not None and (plan[0] or plan[2] is not None):
             if queued[1] is not None:
                 batch.cache.trim(1)  # the queued plain pass fed rows that are leaving or gaining company: undo it

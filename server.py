@@ -92,7 +92,8 @@ def chosen_settings(body, defaults):
     """api.Settings of a request: its fields over the server's defaults; BadRequest when out of range."""
     values = {name: getattr(body, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "delta",
                                                      "num_draft")}
-    values["max_tokens"] = values["max_tokens"] or body.max_completion_tokens
+    if values["max_tokens"] is None:
+        values["max_tokens"] = body.max_completion_tokens
     if body.n not in (None, 1):
         raise BadRequest(f"n must be 1, got {body.n}", param="n")
     chosen = api.Settings(**{**defaults, **{k: v for k, v in values.items() if v is not None}})
