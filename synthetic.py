@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +35,22 @@ CACHE = Path(os.environ.get("MLX_T5_SYNTHETIC_CACHE") or Path(tempfile.gettempdi
 
 
 def corpus_sentences():
-    """Lines of the docstrings of CORPUS_MODULES, in a fixed order."""
+    """Lines of the docstrings of CORPUS_MODULES, in a fixed order, read in a fresh interpreter.
+
+    Read in this process they would depend on what it imported first (typing_extensions,
+    which transformers imports, replaces typing._collect_parameters and its docstring; torch
+    replaces more), and so would the tokenizers trained on them. The fresh interpreter loads
+    typing_extensions, as the process that trained the tokenizers the tests were tuned on did.
+    """
+    code = ("try:\n    import typing_extensions\nexcept ImportError:\n    pass\n"
+            "import json, synthetic\nprint(json.dumps(synthetic.docstring_lines()))")
+    child = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True,
+                           text=True, check=True)
+    return json.loads(child.stdout)
+
+
+def docstring_lines():
+    """Lines of the docstrings of CORPUS_MODULES as this process sees them (see corpus_sentences)."""
     lines = []
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)

@@ -5,6 +5,7 @@ transformers as they are, and converted for MLX by convert.py.
 """
 
 import json
+import shutil
 import types
 
 import mlx.core as mx
@@ -326,16 +327,21 @@ def test_prompt_past_gpt2_positions_is_one_line(gpt2_cli):
 
 
 def test_vocabularies_that_differ_are_one_line(gpt2_cli, pair_dirs, tmp_path):
-    """Draft and target must share a tokenizer: another size, or the same size with other tokens."""
+    """Draft and target must be of one family and share a tokenizer: another family, or the
+    same family and size with other tokens."""
     models, _ = gpt2_cli
     t5_target, _ = pair_dirs(OFTEN)  # a sentencepiece vocabulary of 1100 tokens
-    assert "vocabularies differ" in one_error_line(run_script("main.py", "--model", t5_target,
-                                                              "--draft-model", models[3]))
-    # A T5 with exactly the BPE's 1000 ids, and its own sentencepiece tokenizer.
-    config = synthetic.t5_config(synthetic.tokenizer_size(kind="bpe"), gated=True)
-    source = synthetic.save_checkpoint(tmp_path / "hf", config, synthetic.random_weights(config))
-    same_size = convert.convert(str(source), str(tmp_path / "mlx"))
-    line = one_error_line(run_script("main.py", "--model", same_size, "--draft-model", models[3]))
+    line = one_error_line(run_script("main.py", "--model", t5_target, "--draft-model", models[3]))
+    assert "different families (gpt2 draft, t5 target)" in line
+    # A GPT-2 draft whose tokenizer gives two of its tokens each other's ids: same family, same size.
+    draft = tmp_path / "draft"
+    shutil.copytree(models[3], draft)
+    spec = json.loads((draft / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (draft / "tokenizer.json").write_text(json.dumps(spec))
+    line = one_error_line(run_script("main.py", "--model", models[1], "--draft-model", draft))
     assert "vocabularies differ" in line and "tokenizers" in line
 
 

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import one_error_line, run_script
+from conftest import ROOT, one_error_line, run_script
 
 import benchmark
 import convert
@@ -200,3 +201,13 @@ def test_stats_leave_undefined_ratios_undefined(pair_dirs):
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout.splitlines()[0])["stats"]
     assert stats["drafted"] == 0 and stats["acceptance_rate"] is None and stats["tokens_per_second"] > 0
+
+
+def test_the_tokenizers_training_text_does_not_depend_on_what_was_imported_first():
+    """With caches of their own the tests train their tokenizers in their own process, where
+    torch or typing_extensions may already have replaced docstrings the text is read from."""
+    code = "{}\nimport hashlib, json, synthetic\nprint(hashlib.sha256(json.dumps(synthetic.corpus_sentences()).encode()).hexdigest())"
+    firsts = ["pass", "import typing_extensions", "import torch" if find_spec("torch") else "pass"]
+    digests = {subprocess.run([sys.executable, "-c", code.format(first)], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout for first in firsts}
+    assert len(digests) == 1
