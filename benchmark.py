@@ -586,9 +586,9 @@ def distrust(results):
     return reasons
 
 
-def ratio(value, spec=".2f", suffix=""):
-    """A ratio as text; n/a where it is undefined (a zero denominator: nothing drafted, one repeat)."""
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+def ratio(value):
+    """A ratio as text; n/a where it is undefined (a zero denominator: nothing drafted or judged)."""
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def plus_minus(spread):
