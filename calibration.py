@@ -14,6 +14,8 @@ matches; a damaged file is ignored with one warning on stderr, and replaced at t
 next write. Writers take an exclusive lock and replace the file atomically.
 """
 
+import cpu_blas  # noqa: I001  (binds MKL or OpenBLAS before MLX loads on Linux)
+
 import json
 import os
 import platform
@@ -24,7 +26,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-import cpu_blas
 import decoder
 import files
 import model
@@ -176,22 +177,28 @@ def host_time(target, draft, prompt_ids, batch, steps=12):
 
 def measure(target, draft, prompt_ids, most, batch=1, calls=9, context=CONTEXT):
     """policy.Components measured on purpose: draft seconds per token, the target's pass over
-    1 .. most + 1 tokens per row (rows = tokens x batch), host seconds per step.
+    1 .. most + 1 tokens per row (rows = tokens x batch; at a batch size above 1 also one row's
+    passes, so that the curve reaches down to 1 row for the batch's last prompts), host seconds
+    per step.
 
     Each round times one call of every kind (a warm-up round first); medians are kept.
     """
-    target_cache = warmed_cache(target, prompt_ids, batch, context)
+    sizes = sorted({1, batch})
+    target_caches = {size: warmed_cache(target, prompt_ids, size, context) for size in sizes}
     draft_cache = warmed_cache(draft, prompt_ids, batch, context)
-    tokens = range(1, most + 2)
-    draft_times, verify_times = [], {n: [] for n in tokens}
+    shapes = [(size, n) for size in sizes for n in range(1, most + 2)]
+    draft_times, verify_times = [], {shape: [] for shape in shapes}
     for round_ in range(calls + 1):
         draft_seconds = decode_time(draft, draft_cache, batch, 1)
-        passes = {n: decode_time(target, target_cache, batch, n) for n in tokens}
+        passes = {(size, n): decode_time(target, target_caches[size], size, n) for size, n in shapes}
         if round_:  # round 0 warms every shape up
             draft_times.append(draft_seconds)
-            for n in tokens:
-                verify_times[n].append(passes[n])
-    verify = {n * batch: statistics.median(times) for n, times in verify_times.items()}
+            for shape in shapes:
+                verify_times[shape].append(passes[shape])
+    by_rows = {}
+    for (size, n), times in verify_times.items():
+        by_rows.setdefault(size * n, []).append(statistics.median(times))
+    verify = {rows: statistics.mean(medians) for rows, medians in by_rows.items()}
     return policy.Components(host_time(target, draft, prompt_ids, batch), statistics.median(draft_times), verify)
 
 
@@ -239,8 +246,10 @@ def describe(costs, batch):
     one = costs.verify_at(batch)
     lines = [f"draft {costs.draft * 1e3:.2f} ms per token, host {costs.host * 1e3:.2f} ms per step, batch {batch}",
              "| k | target rows | target pass ms (fitted) | x k 0's pass | step ms |", "|---|---|---|---|---|"]
-    for n in sorted(costs.verify):
-        k = n // batch - 1
-        lines.append(f"| {k} | {n} | {costs.verify[n] * 1e3:.2f} ({costs.verify_at(n) * 1e3:.2f}) | "
-                     f"{costs.verify_at(n) / one:.2f} | {costs.step(batch, k) * 1e3:.2f} |")
+    for k in range(max(costs.verify) // batch):
+        rows = (k + 1) * batch
+        if rows not in costs.verify:
+            continue
+        lines.append(f"| {k} | {rows} | {costs.verify[rows] * 1e3:.2f} ({costs.verify_at(rows) * 1e3:.2f}) | "
+                     f"{costs.verify_at(rows) / one:.2f} | {costs.step(batch, k) * 1e3:.2f} |")
     return "\n".join(lines)

@@ -93,7 +93,8 @@ class Components:
 class StepCosts:
     """Wall seconds of a decoding step with k drafts at each batch size: a model, checked against the loop.
 
-    Where `Components` are known for a batch size (calibrated), a step is predicted as
+    Where `Components` are known for a batch size (calibrated: measured at it, or at a larger
+    one whose measured rows reach down to it, as prompts finish and a batch shrinks), a step is predicted as
     host + k * draft + verify((k + 1) x batch), and the steps the loop times rescale that
     prediction: the median ratio of measured to predicted over the recent steps of every
     k, so one measured k informs all of them. A k with steps of its own leans on them too
@@ -119,8 +120,16 @@ class StepCosts:
         self.samples = {}  # (batch, k) -> recent seconds
         self.ratios = {}  # batch -> recent measured / predicted seconds
 
+    def model(self, batch):
+        """The Components that predict steps at this batch size: its own, or those of the smallest
+        larger calibrated batch size whose measured rows reach down to `batch` (None if none)."""
+        for size in sorted(self.components):
+            if size >= batch and min(self.components[size].verify) <= batch:
+                return self.components[size]
+        return None
+
     def calibrated(self, batch):
-        return batch in self.components
+        return self.model(batch) is not None
 
     def record(self, batch, k, seconds):
         key = (batch, k)
@@ -130,7 +139,7 @@ class StepCosts:
         self.samples[key].append(seconds)
         if self.calibrated(batch):
             self.ratios.setdefault(batch, deque(maxlen=self.ratios_kept)).append(
-                seconds / self.components[batch].step(batch, k))
+                seconds / self.model(batch).step(batch, k))
 
     def known(self, batch, k):
         return self.calibrated(batch) or bool(self.samples.get((batch, k)))
@@ -149,7 +158,7 @@ class StepCosts:
         medians = {k: (statistics.median(kept), len(kept))
                    for (b, k), kept in self.samples.items() if b == batch and kept}
         if self.calibrated(batch):
-            scale, model = self.scale(batch), self.components[batch]
+            scale, model = self.scale(batch), self.model(batch)
             prior = {k: scale * model.step(batch, k) for k in ks}
             weight = self.trend_weight
         else:
@@ -186,7 +195,7 @@ class StepCosts:
         mends itself at the ks that runs use."""
         if not self.calibrated(batch):
             return None
-        costs = self.components[batch].scaled(self.scale(batch))
+        costs = self.model(batch).scaled(self.scale(batch))
         verify = dict(costs.verify)
         for (b, k), kept in self.samples.items():
             rows = (k + 1) * batch

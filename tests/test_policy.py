@@ -343,3 +343,17 @@ def test_simulated_runs_keep_up_with_the_best_constant(curve, a):
     # Costs kept, acceptance not; nothing kept: it learns as it goes.
     assert rate(lambda: policy.AdaptivePolicy(8, policy.StepCosts({1: costs}))) >= 0.94 * best
     assert rate(lambda: policy.AdaptivePolicy(8)) >= 0.93 * best
+
+
+def test_a_larger_batch_sizes_curve_serves_the_smaller_ones_it_reaches():
+    """Measured at batch 4 down to one row, the costs predict batch 3, 2 and 1 steps (a batch
+    shrinking as its prompts finish) on the same curve of rows; batch 8, beyond, is not predicted."""
+    verify = {r: concave_verify(r) for r in (*range(1, 6), 8, 12, 16, 20)}
+    costs = calibrated(0.0005, 0.004, verify, batch=4)
+    model = costs.components[4]
+    for batch in (1, 2, 3, 4):
+        assert costs.calibrated(batch)
+        assert costs.table(batch, [2])[2] == pytest.approx(0.0005 + 2 * 0.004 + model.verify_at(3 * batch))
+    assert not costs.calibrated(8)
+    # Without one row's passes the curve does not reach down to batch 1.
+    assert not calibrated(0.0005, 0.004, {4: 0.02, 8: 0.03}, batch=4).calibrated(1)
