@@ -29,8 +29,8 @@ from hypothesis import settings  # noqa: E402
 
 # Property tests: CI runs a fixed-seed profile sized for the suite's time on a 2-core
 # machine; HYPOTHESIS_PROFILE=long runs ten times as many examples, from fresh seeds.
-settings.register_profile("ci", max_examples=30, derandomize=True, deadline=None, print_blob=True)
-settings.register_profile("long", max_examples=300, deadline=None, print_blob=True)
+settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import convert  # noqa: E402
