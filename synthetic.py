@@ -83,6 +83,9 @@ def cached_tokenizer(vocab_size=1000, kind="t5"):
     CACHE.mkdir(parents=True, exist_ok=True)
     staging = files.temporary_folder(cached)  # renamed whole, so a reader never sees half of it
     try:
+        # transformers writes the files; its import-time advice ("PyTorch was not found ...",
+        # on a machine set up from requirements.txt) is no news to someone building a pair.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         (write_tokenizer if kind == "t5" else write_bpe_tokenizer)(staging, vocab_size)
         staging.rename(cached)
     except OSError:
