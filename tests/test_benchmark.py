@@ -33,7 +33,8 @@ def test_small_run_reports_consistent_rows(tmp_path):
     assert result.returncode == 0, result.stderr
     # The terminal gets the narrow table; --markdown every column and the legend.
     assert "Output check: OK" in result.stdout and "1 repeat (medians)" in result.stdout
-    assert max(map(len, result.stdout.splitlines())) <= 100 and "| **" not in result.stdout
+    *lines, command = result.stdout.splitlines()  # the last line: main.py's command for this pair, whole
+    assert max(map(len, lines)) <= 100 and "| **" not in result.stdout and command.startswith("python main.py --model")
     markdown = report.read_text()
     assert "| setting " in markdown and "target-pass speedup =" in markdown and "Output check: OK" in markdown
     results = json.loads(out.read_text())
