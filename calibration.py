@@ -237,7 +237,11 @@ def remember(chosen, fields, file=None):
     costs, pooled = learned(chosen, fields["batch"])
     if costs is None:
         return False
-    store(fields, costs, pooled, file)
+    try:
+        store(fields, costs, pooled, file)
+    except OSError as error:  # the run itself went well: say so, and go on
+        print(f"warning: the step costs were not kept in {file or path()}: {error.strerror or error}", file=sys.stderr)
+        return False
     return True
 
 

@@ -181,7 +181,10 @@ def kept_costs(args, group):
 def calibrate(args, target, draft, prompt_ids, group):
     """Measure and keep this machine's step costs for the models, --num-draft and --batch-size; print them."""
     costs = calibration.measure(target, draft, prompt_ids[0], args.num_draft, args.batch_size)
-    calibration.store(kept_costs(args, group), costs)
+    try:
+        calibration.store(kept_costs(args, group), costs)
+    except OSError as error:
+        raise UsageError(f"cannot keep the step costs in {calibration.path()}: {error.strerror or error}") from None
     print(calibration.describe(costs, args.batch_size))
     print(f"kept in {calibration.path()}")
 

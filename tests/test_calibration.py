@@ -185,3 +185,17 @@ def test_main_calibrates_then_runs_from_the_kept_costs(pair_dirs, costs_file):
     assert costs_file.read_text() == before
     assert "not with --prompt-lookup" in one_error_line(run_script("main.py", *models, "--calibrate",
                                                                    "--prompt-lookup"))
+
+
+def test_a_file_that_cannot_be_written(pair_dirs, tmp_path, monkeypatch, capsys):
+    """A run still ends well, with a warning; --calibrate, whose point is the file, is one error line."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("MLX_T5_STEP_COSTS", str(blocker / "step-costs.json"))
+    chosen = policy.AdaptivePolicy(4, policy.StepCosts({1: COSTS}))
+    assert not calibration.remember(chosen, fields())
+    assert "warning: the step costs were not kept" in capsys.readouterr().err
+    target_dir, draft_dir = pair_dirs(OFTEN)
+    line = one_error_line(run_script("main.py", "--model", target_dir, "--draft-model", draft_dir, "--calibrate",
+                                     "--num-draft", 2, "--prompt", "Close."))
+    assert "cannot keep the step costs" in line
