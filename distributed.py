@@ -154,9 +154,11 @@ class Watchdog:
     def connect(self, group):
         """Once MLX is connected: point every watchdog at rank 0's."""
         # Read only now: the watchdog starts up while MLX connects.
-        mine = int(self.process.stdout.readline().split()[1])  # rank 0's listens; the others' say 0
-        port = int(mx.distributed.all_sum(mx.array([mine]), group=group.mx_group).item())
-        self.tell(f"ranks {group.size}" if group.rank == 0 else f"peer {leader_address()} {port}")
+        port = self.process.stdout.readline().split()[1]  # rank 0's listens; the others' say 0
+        # Rank 0's address: the ring's hostfile names it; other backends (MPI, JACCL) have none.
+        address = (host_addresses() or [socket.gethostname()])[0]
+        leader = group.all_gather_bytes(f"{address} {port}".encode())[0].decode()
+        self.tell(f"ranks {group.size}" if group.rank == 0 else f"peer {leader}")
         threading.Thread(target=self.beat, daemon=True).start()
 
     def beat(self):
@@ -180,11 +182,6 @@ def host_addresses():
         return [entries[0].rsplit(":", 1)[0] for entries in hosts]
     except (KeyError, OSError, ValueError, IndexError, TypeError, AttributeError):
         return []
-
-
-def leader_address():
-    """Rank 0's IP address (loopback where the hostfile does not say)."""
-    return (host_addresses() or ["127.0.0.1"])[0]
 
 
 STDERR = sys.stderr.fileno()
