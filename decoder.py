@@ -9,6 +9,8 @@ prefix is kept and the target adds one token of its own. The host reads the resu
 once per step; the draft loop itself never waits on the device.
 """
 
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
+
 import threading
 import time
 from collections import deque

@@ -11,6 +11,8 @@ mass on each proposed token); counts says how many of each row's k drafts are re
 (None: all of them), the rest being filler the target must not accept.
 """
 
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
+
 import mlx.core as mx
 import numpy as np
 

@@ -4,6 +4,8 @@ Every setting is one value for all rows (the common case) or a list with one val
 row of a batch (a server mixes requests); `keys` gives rows their own random streams.
 """
 
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
+
 from dataclasses import dataclass
 
 import mlx.core as mx

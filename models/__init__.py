@@ -6,3 +6,6 @@ from Hugging Face tensor names used by convert.py. `model.py` picks the family f
 config.json's `model_type`: t5.py (encoder-decoder), gpt2.py and llama.py (decoder-only,
 also Qwen2), with what the decoder-only ones share in base.py and the cache in cache.py.
 """
+
+import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
+
