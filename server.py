@@ -12,6 +12,7 @@ queue is full) and one line in the log.
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -234,8 +235,6 @@ class Shape:
 async def stream_events(engine, index, events, shape):
     """Server-sent events of one request: its text in whole characters, a last chunk with the finish reason
     and usage, then [DONE]. A client that goes away cancels its request."""
-    import json
-
     try:
         first = True
         while True:
