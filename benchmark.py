@@ -336,9 +336,10 @@ def summarize(setting, plain, steps, greedy, exact_outputs):
     def verify_cost(k):
         return steps["verify"][k + 1] / target_ms
 
-    # A constant schedule drafts g; an adaptive one may draft any k up to g, so its
-    # predictions are the best over those k (what the right constant would reach).
-    ks = range(1, g + 1) if setting.schedule == "adaptive" else [g]
+    # A constant schedule drafts g; an adaptive one may draft any k up to g, or none (a plain
+    # step, speedup 1), so its predictions are the best over those k (what the right constant,
+    # or plain decoding, would reach).
+    ks = range(0, g + 1) if setting.schedule == "adaptive" else [g]
     predicted = max(predicted_speedup(known, k, c) for k in ks)
     predicted_measured = max(predicted_speedup(known, k, c, verify_cost(k)) for k in ks)
     all_steps = [s for r in runs for s in r.steps]
@@ -648,7 +649,7 @@ def table(results, markdown=False):
             "acceptance = accepted / drafted; a = per-token acceptance, accepted / (accepted + rejections); "
             "wall speedup = tokens/s against plain; target-pass speedup = tokens per target pass against plain; "
             "theory = (1 - a**(g+1)) / ((1 - a) * (g*c + 1)); measured-cost prediction = the same with the measured "
-            "verify(g+1) in place of 1 (adaptive rows: the best k up to g); efficiency = wall speedup / prediction; "
+            "verify(g+1) in place of 1 (adaptive rows: the best k from 0, plain, up to g); efficiency = wall speedup / prediction; "
             "host ms = the loop's own work per step (median), timed inside it; (+-) = half the range of the repeats; "
             "n/a = undefined (nothing drafted, or one repeat).")
     else:
