@@ -649,7 +649,7 @@ def table(results, markdown=False):
             "acceptance = accepted / drafted; a = per-token acceptance, accepted / (accepted + rejections); "
             "wall speedup = tokens/s against plain; target-pass speedup = tokens per target pass against plain; "
             "theory = (1 - a**(g+1)) / ((1 - a) * (g*c + 1)); measured-cost prediction = the same with the measured "
-            "verify(g+1) in place of 1 (adaptive rows: the best k from 0, plain, up to g); efficiency = wall speedup / prediction; "
+            "verify(g+1) in place of 1 (adaptive rows: the best k in 0..g); efficiency = wall speedup / prediction; "
             "host ms = the loop's own work per step (median), timed inside it; (+-) = half the range of the repeats; "
             "n/a = undefined (nothing drafted, or one repeat).")
     else:
