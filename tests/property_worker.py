@@ -109,22 +109,30 @@ class Worker:
 
     @staticmethod
     def steps(example, target, drafter, sampling, stats):
-        """The Step records of the example's run, by the path main.py takes for its settings."""
+        """The Step records of the example's run, by the path main.py takes for its settings
+        (or the server's, a queue of requests with settings of their own, when rows are drawn)."""
         prompts, max_tokens = example["prompts"], example["max_tokens"]
+        num_draft = example["num_draft"]
+        chosen = (RandomK(num_draft, example["seed"]) if example["schedule"] == "random"
+                  else policy.make_policy(example["schedule"], num_draft))
+        if example.get("rows"):
+            queue = decoder.RequestQueue(
+                decoder.Request(ids, row["max_tokens"], row_sampling(row), 0.0, row["num_draft"], row["seed"], stats=s)
+                for ids, row, s in zip(prompts, example["rows"], stats))
+            yield from decoder.speculative_steps(target, decoder.as_drafter(drafter), queue, None, chosen,
+                                                 batch_size=example["batch_size"])
+            return
         if drafter is None and example["batch_size"] == 1:
             for i, ids in enumerate(prompts):
                 yield from decoder.plain_steps(target, ids, max_tokens, sampling, stats[i], i)
             return
-        num_draft = example["num_draft"]
-        chosen = (RandomK(num_draft, example["seed"]) if example["schedule"] == "random"
-                  else policy.make_policy(example["schedule"], num_draft))
         yield from decoder.speculative_steps(target, decoder.as_drafter(drafter), prompts, max_tokens, chosen, 0.0,
                                              sampling, example["batch_size"], stats)
 
     def run(self, example):
         target, draft, tokenizer = self.pair(example["family"])
         prompts, max_tokens = example["prompts"], example["max_tokens"]
-        sampling = decoder.Sampling(**example["sampling"])
+        sampling = row_sampling(example["sampling"])
         counting = CountingTarget(target)
         drafter = {"model": draft, "lookup": drafters.PromptLookupDrafter(example["ngram_max"]), "none": None}[
             example["drafter"]]
@@ -149,13 +157,21 @@ class Worker:
         for row, s in zip(rows, stats):
             row["stats"] = {k: v for k, v in s.as_dict().items() if k not in ("seconds", "tokens_per_second")}
             row["text"] = text_of(tokenizer, row["tokens"])
-        answer = dict(rows=rows, passes=counting.passes, eos=target.eos_token_id)
-        if sampling.greedy:
-            answer["alone"] = [self.alone(example["family"], target, ids, max_tokens) for ids in prompts]
-        else:
-            answer["outside"] = [outside_support(target, ids, row["tokens"], sampling)
-                                 for ids, row in zip(prompts, rows)]
+        answer = dict(rows=rows, passes=counting.passes, eos=target.eos_token_id, alone=[], outside=[])
+        settings = example.get("rows") or [dict(example["sampling"], max_tokens=max_tokens)] * len(prompts)
+        for ids, row, setting in zip(prompts, rows, settings):
+            row["max_tokens"] = setting["max_tokens"]
+            chosen = row_sampling(setting)
+            # Greedy rows: plain greedy decoding of the prompt alone; sampled rows: its support.
+            answer["alone"].append(self.alone(example["family"], target, ids, setting["max_tokens"])
+                                   if chosen.greedy else None)
+            answer["outside"].append([] if chosen.greedy else outside_support(target, ids, row["tokens"], chosen))
         return answer
+
+
+def row_sampling(setting):
+    """A Sampling from a drawn setting's temperature, top_k and top_p."""
+    return decoder.Sampling(setting["temperature"], setting["top_k"], setting["top_p"])
 
 
 def outside_support(target, prompt, tokens, sampling):

@@ -68,14 +68,23 @@ def worker(pair_dirs):
     running.close()
 
 
-def examples(greedy):
-    """Strategy: one decoding run's settings and prompts."""
-    sampling = st.just(dict(temperature=0.0, top_k=0, top_p=1.0)) if greedy else st.fixed_dictionaries(dict(
-        temperature=st.sampled_from([0.5, 1.0, 1.5]),
-        top_k=st.sampled_from([0, 1, 5, 50]),
-        top_p=st.sampled_from([1.0, 0.9, 0.5]),
-    ))
-    return st.fixed_dictionaries(dict(
+GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
+SAMPLED = st.fixed_dictionaries(dict(
+    temperature=st.sampled_from([0.5, 1.0, 1.5]),
+    top_k=st.sampled_from([0, 1, 5, 50]),
+    top_p=st.sampled_from([1.0, 0.9, 0.5]),
+))
+# A request's own settings, as the server takes them: greedy or sampled, its own max_tokens,
+# num_draft cap and seed.
+ROW = st.builds(lambda sampling, **rest: dict(sampling, **rest), st.just(GREEDY) | SAMPLED,
+                max_tokens=st.integers(1, 12), num_draft=st.none() | st.integers(1, 8),
+                seed=st.none() | st.integers(0, 2**32 - 1))
+
+
+def examples(greedy=None, rows=False):
+    """Strategy: one decoding run's settings and prompts; with rows, every prompt has settings of its own."""
+    sampling = st.just(GREEDY) if greedy else SAMPLED
+    run = st.fixed_dictionaries(dict(
         family=st.sampled_from(sorted(FAMILIES)),
         drafter=st.sampled_from(["model", "lookup", "none"]),
         schedule=st.sampled_from(["adaptive", "constant", "random"]),
@@ -88,13 +97,18 @@ def examples(greedy):
         sampling=sampling,
         seed=st.integers(0, 2**32 - 1),
     ))
+    if not rows:
+        return run
+    return run.flatmap(lambda example: st.lists(ROW, min_size=len(example["prompts"]),
+                                                max_size=len(example["prompts"])).map(
+        lambda drawn: dict(example, rows=drawn)))
 
 
 def check_counts(example, answer):
     """Statistics add up and count what was emitted; every row ends once, at EOS or max_tokens."""
-    eos, max_tokens = answer["eos"], example["max_tokens"]
+    eos = answer["eos"]
     for row in answer["rows"]:
-        tokens, stats = row["tokens"], row["stats"]
+        tokens, stats, max_tokens = row["tokens"], row["stats"], row["max_tokens"]
         assert 1 <= len(tokens) <= max_tokens
         assert eos not in tokens[:-1], "output runs past EOS"
         assert len(tokens) == max_tokens or tokens[-1] == eos, "stopped early without EOS"
@@ -126,6 +140,19 @@ def test_greedy_runs_equal_plain_greedy_per_prompt(worker, example):
     check_counts(example, answer)
     check_text(answer)
     assert [row["tokens"] for row in answer["rows"]] == answer["alone"]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                 HealthCheck.data_too_large])
+@given(example=examples(rows=True))
+def test_rows_with_settings_of_their_own_keep_them_in_one_batch(worker, example):
+    """Mixed requests in one batch: each greedy row is its prompt's plain greedy decoding alone,
+    each sampled row stays in the support of its own filters."""
+    answer = worker.run(example)
+    check_counts(example, answer)
+    check_text(answer)
+    for row, alone, outside in zip(answer["rows"], answer["alone"], answer["outside"]):
+        assert row["tokens"] == alone if alone is not None else outside == [], "a row strayed from its settings"
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
