@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -179,9 +180,18 @@ def build_app(engine, defaults=None):
         if body.stream:
             return EventSourceResponse(stream_events(engine, index, events, shape), ping=15)
         try:
-            text = ""
+            text, checked = "", time.monotonic()
             while True:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return None  # the client went away: `finally` takes its row back
+                if event is None:
+                    continue
                 text += event.text
                 if event.error:
                     return error_response(500, event.error, "server_error")
@@ -191,6 +201,10 @@ def build_app(engine, defaults=None):
             engine.cancel(index)
 
     return app
+
+
+# How often a whole (non-streamed) response's handler checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 class Shape:
@@ -294,6 +308,15 @@ def check(args):
     for ok, message in rules:
         if not ok:
             cli.fail(message)
+    check_address(args.host, args.port)
+
+
+def check_address(host, port):
+    """One error line, before the models load, when the address cannot be listened on (taken, unknown)."""
+    try:
+        socket.create_server((host, port), reuse_port=False).close()
+    except OSError as error:
+        cli.fail(f"cannot listen on {host}:{port}: {error.strerror or error}")
 
 
 def main(argv=None):
@@ -312,6 +335,7 @@ def main(argv=None):
     # down: with these, that second delivery does nothing and the process exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    log.info(f"serving {pair.name} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)")
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                           timeout_graceful_shutdown=5)).run()
     engine.close()

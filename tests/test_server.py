@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx  # the HTTP client the openai package itself uses
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, one_error_line, run_script
 
 import api
 import decoder
@@ -237,3 +237,11 @@ def test_without_a_template_chat_joins_the_contents(loaded):
     messages = [server.Message(role="user", content="one"), server.Message(role="user", content="two")]
     assert server.chat_prompt(bare, messages) == ("one\ntwo", True)
     assert server.chat_prompt(loaded.tokenizer, messages)[0] == "<user> one\n<user> two\n<assistant> "
+
+
+def test_an_address_it_cannot_listen_on_is_one_error_line(tmp_path):
+    # Checked before the models load: the folder named here does not even exist.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = one_error_line(run_script("server.py", "--model", tmp_path / "none", "--port", port))
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line
