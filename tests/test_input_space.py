@@ -7,9 +7,12 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import OFTEN, run_script
+from conftest import OFTEN
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cli import json_lines as json_records
+from test_cli import models  # noqa: F401  (a fixture: the tests' T5 pair as main.py flags)
+from test_cli import run_main, write_lines
 
 import decoder
 import main
@@ -18,38 +21,21 @@ from textstream import REPLACEMENT, TextStream, text_of
 PROMPTS = ["Return the number.", "hello", "A longer prompt about the items of the list"]
 
 
-def run_main(*args):
-    return run_script("main.py", *args)
-
-
-def json_records(result):
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
-@pytest.fixture(scope="module")
-def t5_models(pair_dirs):
-    target, draft = pair_dirs(OFTEN)
-    return ["--model", target, "--draft-model", draft]
-
-
 @pytest.fixture(scope="module")
 def three_prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "three.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return path
+    return write_lines(tmp_path_factory.mktemp("prompts") / "three.jsonl", [json.dumps({"prompt": p}) for p in PROMPTS])
 
 
 @pytest.mark.parametrize("max_tokens, extra", [(2, []), (3, ["--temperature", "1", "--batch-size", "2"]),
                                                (2, ["--batch-size", "3"])])
-def test_a_row_replaced_before_its_draft_ever_ran_does_not_crash(t5_models, three_prompts, max_tokens, extra):
+def test_a_row_replaced_before_its_draft_ever_ran_does_not_crash(models, three_prompts, max_tokens, extra):
     # The first prompt ends on plain (k 0) steps, so the draft's cache has decoded nothing
     # when the next prompt replaces its row: MLX's scatter into that empty cache raised SIGFPE.
-    result = run_main(*t5_models, "--prompt-file", three_prompts, "--max-tokens", max_tokens, "--json", *extra)
+    result = run_main(*models, "--prompt-file", three_prompts, "--max-tokens", max_tokens, "--json", *extra)
     records = json_records(result)
     assert [r["prompt"] for r in records] == PROMPTS
     if "--temperature" not in extra:
-        plain = json_records(run_main(*t5_models, "--prompt-file", three_prompts, "--max-tokens", max_tokens,
+        plain = json_records(run_main(*models, "--prompt-file", three_prompts, "--max-tokens", max_tokens,
                                       "--json", "--regular-decode"))
         assert [r["tokens"] for r in records] == [r["tokens"] for r in plain]
 
@@ -136,14 +122,14 @@ def test_text_stream_hands_out_whole_characters_that_join_to_the_text(bpe_tokeni
     assert all(REPLACEMENT not in piece for piece in pieces[:-1]) or REPLACEMENT in text
 
 
-def test_an_empty_prompt_is_a_prompt(t5_models):
-    records = json_records(run_main(*t5_models, "--prompt", "", "--max-tokens", 4, "--json"))
-    plain = json_records(run_main(*t5_models, "--prompt", "", "--max-tokens", 4, "--json", "--regular-decode"))
+def test_an_empty_prompt_is_a_prompt(models):
+    records = json_records(run_main(*models, "--prompt", "", "--max-tokens", 4, "--json"))
+    plain = json_records(run_main(*models, "--prompt", "", "--max-tokens", 4, "--json", "--regular-decode"))
     assert records[0]["prompt"] == "" and records[0]["tokens"] == plain[0]["tokens"]
 
 
-def test_a_prompt_file_with_a_byte_order_mark_is_read(t5_models, tmp_path):
+def test_a_prompt_file_with_a_byte_order_mark_is_read(models, tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + json.dumps({"prompt": "hello"}).encode() + b"\n")
-    records = json_records(run_main(*t5_models, "--prompt-file", path, "--max-tokens", 3, "--json"))
+    records = json_records(run_main(*models, "--prompt-file", path, "--max-tokens", 3, "--json"))
     assert [r["prompt"] for r in records] == ["hello"]

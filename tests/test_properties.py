@@ -30,6 +30,9 @@ FAMILIES = {  # name -> pair_dirs overrides
     "llama": dict(family="llama"),  # 4 heads over 2 key/value heads
 }
 EXAMPLE_SECONDS = 300
+# Examples are whole decoding runs, drawn against module-scoped models: slow and large by design.
+RUNS = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
 
 
 class Worker:
@@ -132,8 +135,7 @@ def check_text(answer):
         assert row["streamed"] == row["text"]
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                 HealthCheck.data_too_large])
+@RUNS
 @given(example=examples(greedy=True))
 def test_greedy_runs_equal_plain_greedy_per_prompt(worker, example):
     answer = worker.run(example)
@@ -142,8 +144,7 @@ def test_greedy_runs_equal_plain_greedy_per_prompt(worker, example):
     assert [row["tokens"] for row in answer["rows"]] == answer["alone"]
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                 HealthCheck.data_too_large])
+@RUNS
 @given(example=examples(rows=True))
 def test_rows_with_settings_of_their_own_keep_them_in_one_batch(worker, example):
     """Mixed requests in one batch: each greedy row is its prompt's plain greedy decoding alone,
@@ -155,8 +156,7 @@ def test_rows_with_settings_of_their_own_keep_them_in_one_batch(worker, example)
         assert row["tokens"] == alone if alone is not None else outside == [], "a row strayed from its settings"
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                 HealthCheck.data_too_large])
+@RUNS
 @given(example=examples(greedy=False))
 def test_sampled_runs_stay_in_the_targets_filtered_support(worker, example):
     answer = worker.run(example)
