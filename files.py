@@ -6,6 +6,7 @@ folders (0700) whatever the umask, and a rename keeps the mode, so everything wr
 through them is opened up here to what `open` or `mkdir` would have given.
 """
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -52,3 +53,25 @@ def write_atomically(path, mode, write):
             raise
     follow_umask(f.name)
     os.replace(f.name, path)
+
+
+def json_lines(path, flag, error):
+    """(line number, parsed value, or None where the line is not JSON) for each non-blank line of a
+    JSON-lines file.
+
+    Read as UTF-8, a byte-order mark allowed (editors write one). A file that cannot be read or
+    is not UTF-8 raises `error` (an exception class) with one line naming `flag`, the option
+    that gave the file.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except OSError as problem:
+        raise error(f"cannot read {flag} {path}: {problem.strerror}") from None
+    except UnicodeDecodeError:
+        raise error(f"{flag} {path} is not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError:
+                yield number, None

@@ -20,6 +20,7 @@ import cli
 import decoder
 import distributed
 import drafters
+import files
 import model
 import policy
 from api import UsageError, check_lengths, load_models, require_models  # noqa: F401  (one way to load and check)
@@ -117,20 +118,9 @@ def check(args):
 
 def read_prompt_file(path):
     """The "prompt" fields of a JSON-lines file."""
-    try:
-        lines = open(path, encoding="utf-8-sig").read().splitlines()  # -sig: editors may write a byte-order mark
-    except OSError as error:
-        raise UsageError(f"cannot read --prompt-file {path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"--prompt-file {path} is not UTF-8 text") from None
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            prompt = json.loads(line)["prompt"]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            prompt = None
+    for number, item in files.json_lines(path, "--prompt-file", UsageError):
+        prompt = item.get("prompt") if isinstance(item, dict) else None
         if not isinstance(prompt, str):
             raise UsageError(f'{path} line {number} is not a JSON object with a "prompt" string')
         prompts.append(prompt)

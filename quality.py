@@ -64,20 +64,10 @@ def read_eval_file(path, limit=None):
     Every line must hold a "prompt" string and exactly one of "reference" or "tests",
     the same one on every line.
     """
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise EvalError(f"cannot read --eval {path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise EvalError(f"--eval {path} is not UTF-8 text") from None
+    import files  # here, not at the top: the pass@1 child imports this module without the project
+
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            item = None
+    for number, item in files.json_lines(path, "--eval", EvalError):
         fields = [key for key in ("reference", "tests") if isinstance(item, dict) and isinstance(item.get(key), str)]
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or len(fields) != 1:
             raise EvalError(f'{path} line {number} is not a JSON object with a "prompt" string and one '

@@ -311,3 +311,10 @@ def test_benchmark_eval_errors_are_one_line(tmp_path, flags, message):
     result = subprocess.run([sys.executable, str(benchmark.Path(benchmark.__file__)), *flags], cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=120)
     assert message in one_error_line(result)
+
+
+def test_an_eval_file_with_a_byte_order_mark_is_read(tmp_path):
+    # Read as prompt files are: editors write the mark, and it must not spoil line 1.
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + json.dumps({"prompt": "p", "reference": "r"}).encode() + b"\n")
+    assert [(e.prompt, e.reference) for e in quality.read_eval_file(path)] == [("p", "r")]
