@@ -200,10 +200,10 @@ class Generation:
     or "length" (max_tokens) when the request is done.
     """
 
-    def __init__(self, tokenizer, eos_token_id, stop=()):
+    def __init__(self, tokenizer, eos_token_ids, stop=()):
         self.text = TextStream(tokenizer)
         self.stop = StopText(stop)
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
         self.tokens = []
         self.finish_reason = None
 
@@ -214,7 +214,7 @@ class Generation:
             self.finish_reason = "stop"
         elif step.finished:
             piece += self.stop.feed(self.text.finish(), final=True)
-            self.finish_reason = "stop" if self.stop.stopped or self.tokens[-1] == self.eos_token_id else "length"
+            self.finish_reason = "stop" if self.stop.stopped or self.tokens[-1] in self.eos_token_ids else "length"
         return piece
 
 
@@ -244,7 +244,7 @@ def steps(pair, requests, policy, batch_size=1):
 def stream_generation(pair, prompt, chosen, stats=None):
     """Yield (new text, Generation) per step of one prompt until it is done."""
     one = request(pair, prompt, chosen, stats)
-    generation = Generation(pair.tokenizer, pair.target.eos_token_id, chosen.stop)
+    generation = Generation(pair.tokenizer, pair.target.eos_token_ids, chosen.stop)
     for step in steps(pair, [one], make_policy(chosen.schedule, chosen.num_draft)):
         yield generation.add(step), generation
         if generation.finish_reason:
@@ -308,7 +308,7 @@ class Engine:
                                 f"{len(self.queue)} requests are waiting; try again later")
             one = request(self.pair, ids, chosen)
             one.num_draft = min(chosen.num_draft, self.num_draft)
-            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_id, chosen.stop)
+            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_ids, chosen.stop)
             index = self.queue.put(one)
             self.open[index] = (generation, listener, one.stats)
             return index

@@ -126,11 +126,25 @@ def resolve(path_or_name):
 
 
 def read_config(path):
-    """config.json of converted folder `path`, which must name its model_type."""
+    """config.json of converted folder `path`, which must name its model_type.
+
+    Its eos_token_id becomes a list of every EOS id that config.json and
+    generation_config.json name (config.json's first), as transformers' generate stops at each.
+    """
     config = read_json(path / "config.json")
     if "model_type" not in config:
         raise LoadError(f"{path / 'config.json'} names no model_type; convert the model again with convert.py")
+    generation = path / "generation_config.json"
+    named = as_list(config.get("eos_token_id")) + as_list(read_json(generation).get("eos_token_id")
+                                                          if generation.is_file() else None)
+    if named:
+        config["eos_token_id"] = list(dict.fromkeys(named))
     return config
+
+
+def as_list(ids):
+    """A config's token id or ids as a list (None: none)."""
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
 def weight_files(path):
