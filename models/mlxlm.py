@@ -144,16 +144,30 @@ class Model(nn.Module, CausalModel):
         # A table of learned positions (GPT-2's) is a hard limit; RoPE's max_position_embeddings is not.
         self.max_positions = args.config.get("n_positions")
 
+    width = None  # logits' width when widened (see widen); None: the model's own vocab_size
+
     @property
     def layers(self):
         return self.inner.layers
+
+    @property
+    def vocab_size(self):
+        return self.width or self.args.vocab_size
+
+    def widen(self, size):
+        """Give logits `size` wide from now on, the ids past this model's own at -inf (probability 0),
+        so it pairs with a model whose embeddings are padded wider over the same tokenizer (Qwen's)."""
+        self.width = size
 
     def decode(self, tokens, cache, padding=None):
         """Logits (batch, n, vocab) for new tokens (batch, n); the cache advances past them."""
         n = tokens.shape[1]
         queries, keys = cache.reserve(n, padding)
         step = Step(cache, queries, keys, mx.array(cache.lengths - n, dtype=mx.int32))
-        return self.inner(tokens, cache=[LayerCache(step, i, w) for i, w in enumerate(self.windows)])
+        logits = self.inner(tokens, cache=[LayerCache(step, i, w) for i, w in enumerate(self.windows)])
+        if self.width is not None and self.width > logits.shape[-1]:
+            logits = mx.pad(logits, [(0, 0), (0, 0), (0, self.width - logits.shape[-1])], constant_values=-mx.inf)
+        return logits
 
 
 def cast(inner, dtype):
