@@ -75,15 +75,26 @@ def load_models(target_path, draft_path=None, pipeline=None):
     except model.LoadError as error:
         raise UsageError(str(error)) from None
     families = [type(m).__module__.split(".")[-1] for m in (distributed.local(target), draft) if m is not None]
-    if len(set(families)) > 1:
+    # Decoder-only models (own or mlx-lm's) decode alike; T5 starts from its encoder.
+    if len({name == "t5" for name in families}) > 1:
         raise UsageError(f"draft and target are of different families ({families[1]} draft, {families[0]} target); "
                          f"speculative decoding needs one family and one tokenizer")
-    if draft is not None and draft.vocab_size != target.vocab_size:
-        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
-    # Same size is not enough: a token id must mean the same text to both.
-    if draft is not None and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
+    if draft is not None:
+        check_vocabularies(distributed.local(target), draft, tokenizer, draft_tokenizer)
     return target, draft, tokenizer
+
+
+def check_vocabularies(target, draft, tokenizer, draft_tokenizer):
+    """A UsageError unless draft and target share a tokenizer and logits as wide (an mlx-lm
+    model narrower than the other, as Qwen's padded embeddings, is widened with -inf logits)."""
+    # Same size is not enough: a token id must mean the same text to both.
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
+    narrow, wide = sorted((draft, target), key=lambda m: m.vocab_size)
+    if narrow.vocab_size != wide.vocab_size and hasattr(narrow, "widen") and len(tokenizer) <= narrow.vocab_size:
+        narrow.widen(wide.vocab_size)
+    if draft.vocab_size != target.vocab_size:
+        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
 
 
 def load(target, draft=None, prompt_lookup=False, ngram_max=3):
