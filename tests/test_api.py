@@ -122,7 +122,7 @@ def test_characters_split_across_tokens_stream_whole(llama):
     tokens = tokenizer(text, add_special_tokens=False).input_ids
     assert any("\ufffd" in text_of(tokenizer, tokens[:n]) for n in range(len(tokens)))  # the case is real
     for stop in ([], ["\u754c"], ["\U0001F600 "]):
-        generation = api.Generation(tokenizer, -1, stop)
+        generation = api.Generation(tokenizer, frozenset(), stop)
         pieces = [generation.add(decoder.Step(0, [t], 0, 0, 0, n == len(tokens) - 1, 0, 0))
                   for n, t in enumerate(tokens)]
         want = text[: text.find(stop[0])] if stop else text

@@ -396,3 +396,34 @@ def test_unsupported_rope_scaling_is_one_line(tmp_path):
     source = synthetic.save_checkpoint(tmp_path / "hf", config, synthetic.random_weights(config))
     line = one_error_line(run_script("convert.py", "--model", source, "--mlx-path", tmp_path / "out"))
     assert "yarn" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
+def test_every_eos_id_stops_a_row(checkpoints, tmp_path, where):
+    """A model naming several EOS ids (Llama 3 Instruct names three) stops where transformers'
+    generate does: at the first token that is any of them, whichever file names the list."""
+    hf, target, tokenizer, folder = checkpoints("llama")
+    ids = tokenizer(PROMPTS[1]).input_ids
+    with torch.no_grad():
+        free = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                           do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    # A second EOS id the greedy text reaches for the first time a few tokens in.
+    position = next(i for i in range(3, MAX_TOKENS) if free[i] not in free[:i] and free[i] != 0)
+    source = shutil.copytree(folder.parent / "hf", tmp_path / "hf")
+    eos = [0, free[position]]
+    if where == "config.json":
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps(dict(config, eos_token_id=eos)))
+    else:
+        (source / "generation_config.json").write_text(json.dumps(dict(eos_token_id=eos, bos_token_id=0)))
+    reference = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                      pad_token_id=0)[0, len(ids):].tolist()
+    assert expected == free[: position + 1]
+    several, _ = model.load(convert.convert(str(source), str(tmp_path / "mlx")))
+    assert several.eos_token_ids == frozenset(eos)
+    assert list(decoder.generate(several, ids, MAX_TOKENS)) == expected
+    for schedule in ("constant", "adaptive"):
+        assert list(decoder.speculative_generate(several, several, ids, MAX_TOKENS, num_draft=3,
+                                                 schedule=schedule)) == expected
