@@ -1,0 +1,139 @@
+"""Benchmark one Llama pair three ways: the project's own family, the same weights as an
+mlx-lm folder through models/mlxlm.py, and mlx-lm's own decoding (plain and speculative).
+
+    python mlx_lm_benchmark.py [--eps 0.05] [--layers 24] [--d-model 512] [--max-tokens 48]
+        [--rounds 3] [--num-draft-tokens 3] [--json FILE]
+
+The pair is benchmark.py's synthetic Llama pair (built once, kept in the system's temporary
+folder), written as Hugging Face checkpoints, converted once by convert.py and once by
+`mlx_lm.convert` (float32). Every setting decodes the same prompts greedily, in rounds that
+interleave the settings (each round in another order), and the table gives the median
+tokens/s over rounds and the ratio to the project's default. Every setting's tokens must equal
+plain decoding's (mlx-lm's own stop at the first EOS, as the project's do), or the run fails.
+"""
+
+import cpu_blas  # noqa: I001  (binds MKL or OpenBLAS before MLX loads on Linux)
+
+import json
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+from tabulate import tabulate
+
+import api
+import benchmark
+import cli
+import decoder
+import files
+
+
+def build_parser():
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eps", type=float, default=benchmark.EPS, help="the pair's disagreement (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=benchmark.PAIR["target_layers"], help="target layers")
+    parser.add_argument("--d-model", type=int, default=benchmark.PAIR["d_model"], help="model width")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per prompt (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--num-draft-tokens", type=int, default=3,
+                        help="mlx-lm's num_draft_tokens, and the project's constant k (default: %(default)s)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    return parser
+
+
+def mlx_lm_folders(pair):
+    """The pair's Hugging Face checkpoints converted by mlx-lm itself (float32), once."""
+    from mlx_lm import convert
+
+    made = {}
+    for role in ("target", "draft"):
+        folder = pair[f"hf_{role}"].parent.parent / f"mlx-lm-{role}"
+        if not (folder / "config.json").is_file():
+            convert(str(pair[f"hf_{role}"]), str(folder), dtype="float32")
+        made[role] = folder
+    return made
+
+
+def mlx_lm_tokens(steps, eos_token_ids, max_tokens):
+    """mlx-lm's (token, ...) generator as a list, cut after the first EOS, as a chat client stops."""
+    tokens = []
+    for token, *_ in steps:
+        tokens.append(int(token))
+        if tokens[-1] in eos_token_ids or len(tokens) == max_tokens:
+            break
+    return tokens
+
+
+def settings(args, pair):
+    """name -> function(prompt ids) -> tokens, for every setting timed."""
+    from mlx_lm.generate import generate_step, speculative_generate_step
+    from mlx_lm.utils import load_model
+
+    own = api.load_models(pair["target"], pair["draft"])
+    folders = mlx_lm_folders(pair)
+    wrapped = api.load_models(folders["target"], folders["draft"])
+    theirs = [load_model(folders[role])[0] for role in ("target", "draft")]
+    n, k, eos = args.max_tokens, args.num_draft_tokens, own[0].eos_token_ids
+    greedy = lambda logits: mx.argmax(logits, axis=-1)  # noqa: E731
+    rows = {}
+    for label, (target, draft, _) in (("own family", own), ("mlx-lm folder", wrapped)):
+        rows[f"{label}: plain"] = lambda ids, t=target: list(decoder.generate(t, ids, n))
+        rows[f"{label}: speculative, default"] = lambda ids, t=target, d=draft: list(
+            decoder.speculative_generate(t, d, ids, n))
+        rows[f"{label}: speculative, constant k {k}"] = lambda ids, t=target, d=draft: list(
+            decoder.speculative_generate(t, d, ids, n, num_draft=k, schedule="constant"))
+    rows["mlx_lm: plain"] = lambda ids: mlx_lm_tokens(
+        generate_step(mx.array(ids), theirs[0], max_tokens=n, sampler=greedy), eos, n)
+    rows[f"mlx_lm: speculative, num_draft_tokens {k}"] = lambda ids: mlx_lm_tokens(
+        speculative_generate_step(mx.array(ids), theirs[0], theirs[1], num_draft_tokens=k, max_tokens=n,
+                                  sampler=greedy), eos, n)
+    return rows, own[2]
+
+
+def timed(run, prompts):
+    """(tokens/s, the tokens) of decoding every prompt in turn."""
+    began, outputs = time.perf_counter(), [run(ids) for ids in prompts]
+    return sum(map(len, outputs)) / (time.perf_counter() - began), outputs
+
+
+def measure(rows, prompts, rounds):
+    """name -> tokens/s per round; each round runs every setting, in an order that rotates."""
+    names = list(rows)
+    speeds, reference = {name: [] for name in names}, None
+    for name in names:  # warm-up: compile and page in every path once
+        rows[name](prompts[0])
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            speed, outputs = timed(rows[name], prompts)
+            reference = reference or outputs
+            if outputs != reference:
+                raise SystemExit(f"error: {name} gave other tokens than {names[0]}: greedy outputs must agree")
+            speeds[name].append(speed)
+    return speeds
+
+
+def table(speeds):
+    base = statistics.median(speeds["own family: speculative, default"])
+    lines = [(name, f"{statistics.median(s):.1f}", f"{min(s):.1f}-{max(s):.1f}", f"{statistics.median(s) / base:.2f}x")
+             for name, s in speeds.items()]
+    return tabulate(lines, ["setting", "tokens/s (median)", "range", "/ own default"], disable_numparse=True)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if min(args.max_tokens, args.rounds, args.num_draft_tokens, args.layers) < 1:
+        cli.fail("--max-tokens, --rounds, --num-draft-tokens and --layers must each be at least 1")
+    pair = benchmark.synthetic_pair(args.eps, args.layers, args.d_model, "llama")
+    rows, tokenizer = settings(args, pair)
+    prompts = [tokenizer(p).input_ids for p in benchmark.PROMPTS]
+    speeds = measure(rows, prompts, args.rounds)
+    print(f"Llama pair eps {args.eps}, {args.layers} target layers, d_model {args.d_model}; {len(prompts)} prompts x "
+          f"{args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds, BLAS {cpu_blas.LOADED}")
+    print(table(speeds))
+    if args.json:
+        files.write_atomically(args.json, "w", lambda f: json.dump(speeds, f, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
