@@ -22,28 +22,33 @@ def text_of(tokenizer, tokens):
 class TextStream:
     """Feed tokens with `add`, get the new text in whole characters; `finish` gives the rest.
 
-    The whole list is decoded each time: sentencepiece pieces decoded one by one lose
-    their spaces. What `add` and `finish` return, joined, is text_of(all tokens).
+    What `add` and `finish` return, joined, is text_of(all tokens). Each call decodes a
+    short window only, so a token costs the same however long the text grows: the window
+    runs from the tokens before the last text handed out (context) to the newest, and its
+    text less the context's text is new. Decoding pieces one by one would lose
+    sentencepiece's spaces; a window loses its first piece's leading space in both texts
+    alike, so the difference keeps it.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.tokens = []
-        self.shown = 0  # characters of the text handed out so far
+        self.context = 0  # where the window starts
+        self.shown = 0  # tokens whose text is handed out: the window's context ends here
 
     def add(self, tokens):
-        """The text that `tokens` complete, without a trailing incomplete character."""
+        """The text that `tokens` complete; held back (until a later call) while it ends in an incomplete character."""
         self.tokens += tokens
-        text = text_of(self.tokenizer, self.tokens)
-        complete = len(text.rstrip(REPLACEMENT))
-        return self.take(text, complete)
+        return self.take(final=False)
 
     def finish(self):
         """What is still held back (an incomplete character stays U+FFFD once the row ends)."""
-        text = text_of(self.tokenizer, self.tokens)
-        return self.take(text, len(text))
+        return self.take(final=True)
 
-    def take(self, text, end):
-        new = text[self.shown : end] if end > self.shown else ""
-        self.shown = max(self.shown, end)
-        return new
+    def take(self, final):
+        before = text_of(self.tokenizer, self.tokens[self.context : self.shown])
+        text = text_of(self.tokenizer, self.tokens[self.context :])
+        if len(text) <= len(before) or (text.endswith(REPLACEMENT) and not final):
+            return ""
+        self.context, self.shown = self.shown, len(self.tokens)
+        return text[len(before) :]

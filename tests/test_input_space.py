@@ -108,18 +108,64 @@ def test_streaming_keeps_characters_split_across_tokens(bpe_tokenizer, capsys):
     assert capsys.readouterr().out.startswith(TEXT + "\n")
 
 
-@settings(max_examples=40)
-@given(text=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20),
-       cuts=st.lists(st.integers(1, 4), max_size=30))
-def test_text_stream_hands_out_whole_characters_that_join_to_the_text(bpe_tokenizer, text, cuts):
-    ids = bpe_tokenizer(text).input_ids
-    stream, pieces, at = TextStream(bpe_tokenizer), [], 0
+@pytest.fixture(scope="module")
+def tokenizers(load_pair):
+    """kind -> a tokenizer of the tests' pairs: byte-level BPE (GPT-2's kind) and sentencepiece (T5's)."""
+    return {"bpe": load_pair(OFTEN, family="gpt2")[2], "sentencepiece": load_pair(OFTEN, family="t5")[2]}
+
+
+def streamed(stream, ids, cuts):
+    """The pieces a TextStream hands out for `ids` fed in chunks of `cuts` tokens (the rest in one), then finish."""
+    pieces, at = [], 0
     for size in cuts + [len(ids)]:
         pieces.append(stream.add(ids[at : at + size]))
         at += size
-    pieces.append(stream.finish())
-    assert "".join(pieces) == text_of(bpe_tokenizer, ids)
+    return pieces + [stream.finish()]
+
+
+@settings(max_examples=40)
+@given(kind=st.sampled_from(["bpe", "sentencepiece"]),
+       text=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20),
+       cuts=st.lists(st.integers(1, 4), max_size=30))
+def test_text_stream_hands_out_whole_characters_that_join_to_the_text(tokenizers, kind, text, cuts):
+    tokenizer = tokenizers[kind]
+    ids = tokenizer(text).input_ids
+    pieces = streamed(TextStream(tokenizer), ids, cuts)
+    assert "".join(pieces) == text_of(tokenizer, ids)
     assert all(REPLACEMENT not in piece for piece in pieces[:-1]) or REPLACEMENT in text
+
+
+@settings(max_examples=40)
+@given(kind=st.sampled_from(["bpe", "sentencepiece"]), data=st.data(), cuts=st.lists(st.integers(1, 5), max_size=30))
+def test_text_stream_of_any_tokens_joins_to_their_text(tokenizers, kind, data, cuts):
+    """Any token ids a model may emit (special ones, bytes that never complete a character): the pieces join
+    to the whole sequence's text."""
+    tokenizer = tokenizers[kind]
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=60))
+    assert "".join(streamed(TextStream(tokenizer), ids, cuts)) == text_of(tokenizer, ids)
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many tokens each decode call is given."""
+
+    def __init__(self, inner):
+        self.inner, self.decoded = inner, []
+
+    def decode(self, tokens, **options):
+        self.decoded.append(len(tokens))
+        return self.inner.decode(tokens, **options)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_text_stream_decodes_a_window_whatever_the_length(tokenizers, kind):
+    """Streaming 600 tokens three at a time decodes a few steps' tokens at most (the last two, and those an
+    incomplete character held back): the cost of a step does not grow with the text."""
+    tokenizer = CountingTokenizer(tokenizers[kind])
+    ids = tokenizers[kind](" ".join(["the quick brown fox, naïve café 🙂"] * 60)).input_ids[:600]
+    assert len(ids) == 600
+    pieces = streamed(TextStream(tokenizer), ids, [3] * 200)
+    assert "".join(pieces) == text_of(tokenizers[kind], ids)
+    assert max(tokenizer.decoded) <= 18
 
 
 def test_an_empty_prompt_is_a_prompt(models):
