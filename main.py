@@ -234,7 +234,7 @@ def run(args):
     own_draft = not (args.regular_decode or args.prompt_lookup)
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None,
                                            group if args.pipeline else None)
-    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    prompt_ids = [api.encode_text(tokenizer, prompt) for prompt in prompts]
     check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     if args.calibrate:
         calibrate(args, target, draft, prompt_ids, group)

@@ -166,14 +166,13 @@ def build_app(engine, defaults=None):
             raise BadRequest(f"unknown model {body.model!r}; this server has {pair.name!r}", status=400,
                              param="model")
         chosen = chosen_settings(body, defaults)
-        try:
-            ids = pair.tokenizer(prompt, add_special_tokens=special_tokens).input_ids
-            api.check_lengths([ids], chosen.max_tokens, pair.models)
-        except api.UsageError as error:
-            raise BadRequest(str(error), param="max_tokens") from None
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         try:
+            ids = api.encode(pair, prompt, chosen.max_tokens, add_special_tokens=special_tokens,
+                             max_context=engine.max_context, param="messages" if chat else "prompt")
             index = engine.submit(ids, chosen, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        except api.UsageError as error:
+            raise BadRequest(str(error), param=error.param) from None
         except api.QueueFull as error:
             raise BadRequest(str(error), status=429, kind="rate_limit_error") from None
         shape = Shape(chat, pair.name, len(ids))
@@ -293,6 +292,9 @@ def build_parser():
     parser.add_argument("--port", type=int, default=8080, help="TCP port")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place at most (then 429)")
+    parser.add_argument("--max-context", type=int, metavar="TOKENS",
+                        help="prompt plus output tokens per request at most, below the model's own limit "
+                             "(a T5 prompt and its output each; default: the model's)")
     return parser
 
 
@@ -304,6 +306,7 @@ def check(args):
         (0 <= args.port < 65536, f"--port must lie in [0, 65536), got {args.port}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, got {args.max_batch}"),
         (args.max_queue >= 1, f"--max-queue must be at least 1, got {args.max_queue}"),
+        (args.max_context is None or args.max_context >= 1, f"--max-context must be at least 1, got {args.max_context}"),
     ]
     for ok, message in rules:
         if not ok:
@@ -329,7 +332,7 @@ def main(argv=None):
     except api.UsageError as error:
         cli.fail(error)
     engine = api.Engine(pair, args.max_batch, args.max_queue, args.num_draft, args.draft_schedule,
-                        log=log.error)
+                        log=log.error, max_context=args.max_context)
     app = build_app(engine, {"num_draft": args.num_draft, "schedule": args.draft_schedule})
     # uvicorn restores the handlers it found and raises the signal again once it has shut
     # down: with these, that second delivery does nothing and the process exits 0.
@@ -339,6 +342,7 @@ def main(argv=None):
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                           timeout_graceful_shutdown=5)).run()
     engine.close()
+    engine.join()  # a process that exits while the engine's thread is inside MLX aborts (exit -6)
     log.info("stopped")
     sys.exit(0)
 

@@ -34,6 +34,16 @@ class Encoding(dict):
         return self["input_ids"]
 
 
+def check_text(text):
+    """A ValueError naming the first lone surrogate in `text` (JSON's "\\ud800" escape, or a byte that
+    was not UTF-8 in a command line's arguments): such a string is not Unicode text and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode: a lone surrogate (U+{ord(text[error.start]):04X}) "
+                         f"at character {error.start}") from None
+
+
 def token_text(value):
     """A special token as tokenizer_config.json gives it: a string, or {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
@@ -94,6 +104,7 @@ class FastTokenizer(Tokenizer):
         super().__init__(folder, config)
 
     def encode(self, text, add_special_tokens=True):
+        check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def text(self, ids, skip_special_tokens):
