@@ -102,7 +102,7 @@ def chosen_settings(body, defaults):
     chosen.stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     problem = chosen.problem()
     if problem:
-        raise BadRequest(problem)
+        raise BadRequest(problem, param=problem.split()[0])  # each message begins with its field's name
     return chosen
 
 
