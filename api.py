@@ -23,7 +23,7 @@ import distributed
 import drafters
 import model
 from policy import make_policy
-from textstream import TextStream, text_of  # noqa: F401  (text_of: part of this interface)
+from textstream import REPLACEMENT, TextStream, text_of  # noqa: F401  (text_of: part of this interface)
 
 
 class UsageError(ValueError):
@@ -197,30 +197,56 @@ class Generation:
     """One request's output as its Step records arrive: whole characters, cut before a stop string.
 
     `add(step)` returns the new text; `finish_reason` becomes "stop" (EOS or a stop string)
-    or "length" (max_tokens) when the request is done.
+    or "length" (max_tokens) when the request is done. `tokens` are the tokens the text
+    handed on is made of: a stop string cuts them at the last token that gave text before
+    it (tokens decoded past it, whether one at a time or drafted in one step, are not the
+    client's), so a plain and a speculative run that hand on one text count the same.
+    stats: the request's decoder.Stats, whose `generated` is set to len(tokens) at a stop
+    string (drafted, accepted and target_calls still count all the work done).
     """
 
-    def __init__(self, tokenizer, eos_token_id, stop=()):
+    def __init__(self, tokenizer, eos_token_id, stop=(), stats=None):
+        self.tokenizer = tokenizer
         self.text = TextStream(tokenizer)
         self.stop = StopText(stop)
         self.eos_token_id = eos_token_id
+        self.stats = stats
         self.tokens = []
+        self.handed = 0  # characters handed on so far
         self.finish_reason = None
 
     def add(self, step):
+        if self.finish_reason:
+            return ""
         self.tokens += step.tokens
         piece = self.stop.feed(self.text.add(step.tokens))
+        if not self.stop.stopped and step.finished:
+            piece += self.stop.feed(self.text.finish(), final=True)
+        self.handed += len(piece)
         if self.stop.stopped:
             self.finish_reason = "stop"
+            self.cut()
         elif step.finished:
-            piece += self.stop.feed(self.text.finish(), final=True)
-            self.finish_reason = "stop" if self.stop.stopped or self.tokens[-1] == self.eos_token_id else "length"
+            self.finish_reason = "stop" if self.tokens[-1] == self.eos_token_id else "length"
         return piece
+
+    def cut(self):
+        """Drop the tokens past the last one that the text handed on needs."""
+        n = len(self.tokens)
+        while n > 0 and len(text_of(self.tokenizer, self.tokens[: n - 1]).rstrip(REPLACEMENT)) >= self.handed:
+            n -= 1
+        del self.tokens[n:]
+        if self.stats is not None:
+            self.stats.generated = n
 
 
 @dataclass
 class Completion:
-    """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats."""
+    """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats.
+
+    tokens: the ids the text is made of (cut at a stop string as Generation says);
+    stats.generated == len(tokens).
+    """
 
     text: str
     tokens: list
@@ -244,7 +270,7 @@ def steps(pair, requests, policy, batch_size=1):
 def stream_generation(pair, prompt, chosen, stats=None):
     """Yield (new text, Generation) per step of one prompt until it is done."""
     one = request(pair, prompt, chosen, stats)
-    generation = Generation(pair.tokenizer, pair.target.eos_token_id, chosen.stop)
+    generation = Generation(pair.tokenizer, pair.target.eos_token_id, chosen.stop, one.stats)
     for step in steps(pair, [one], make_policy(chosen.schedule, chosen.num_draft)):
         yield generation.add(step), generation
         if generation.finish_reason:
@@ -308,7 +334,7 @@ class Engine:
                                 f"{len(self.queue)} requests are waiting; try again later")
             one = request(self.pair, ids, chosen)
             one.num_draft = min(chosen.num_draft, self.num_draft)
-            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_id, chosen.stop)
+            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_id, chosen.stop, one.stats)
             index = self.queue.put(one)
             self.open[index] = (generation, listener, one.stats)
             return index
