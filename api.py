@@ -121,18 +121,24 @@ class Settings:
 
     def problem(self, name=str):
         """The first value out of range as one line, or None; name(field) spells a field (e.g. as a flag)."""
+        found = self.invalid(name)
+        return found and found[1]
+
+    def invalid(self, name=str):
+        """(field, one line) of the first value out of range, or None."""
         rules = [
-            (self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
-            (0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
-            (0.0 <= self.temperature < math.inf,
+            ("num_draft", self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
+            ("delta", 0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
+            ("temperature", 0.0 <= self.temperature < math.inf,
              f"{name('temperature')} must be finite and not negative, got {self.temperature}"),
-            (0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
-            (self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
-            (self.seed is None or 0 <= self.seed < 2**64, f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
-            (self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
+            ("top_p", 0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
+            ("top_k", self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
+            ("max_tokens", self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64,
+             f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
+            ("schedule", self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
         ]
-        return next((message for ok, message in rules if not ok), None)
+        return next(((field, message) for field, ok, message in rules if not ok), None)
 
     @property
     def sampling(self):
@@ -299,12 +305,14 @@ def generate(pair, prompt, **values):
 
 @dataclass
 class Event:
-    """What the engine tells a request's listener after a step: new text, and when done the finish reason."""
+    """What the engine tells a request's listener after a step: new text (maybe none), and when done
+    the finish reason; step: the decoder.Step record it came from (None for an event of no step)."""
 
     text: str
     finish_reason: str = None
     stats: decoder.Stats = None
     error: str = None
+    step: decoder.Step = None
 
 
 class Engine:
@@ -312,7 +320,8 @@ class Engine:
 
     A request joins the running batch at the next step, keeps its own Settings, and leaves
     it when done, stopped or cancelled. Its listener is called on the engine's thread with
-    an Event after every step that gives it text, and once with its finish reason.
+    an Event after every step that gives it tokens (the text they complete, maybe none),
+    the last one with its finish reason.
     """
 
     def __init__(self, pair, max_batch=8, max_queue=64, num_draft=5, schedule="adaptive", log=None):
@@ -386,5 +395,4 @@ class Engine:
                 self.open.pop(step.index, None)
             if not step.finished:
                 self.queue.cancel(step.index)
-        if piece or generation.finish_reason:
-            listener(Event(piece, generation.finish_reason, stats))
+        listener(Event(piece, generation.finish_reason, stats, step=step))
