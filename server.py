@@ -3,10 +3,12 @@
     python server.py --model M [--draft-model D | --prompt-lookup] [--num-draft 5]
         [--host 127.0.0.1] [--port 8080] [--max-batch 8] [--max-queue 64]
 
-GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. One thread
-owns MLX (api.Engine): a request joins the running batch at the next step and keeps its
-own settings. Bad requests get OpenAI-style error JSON with status 400 (429 when the
-queue is full) and one line in the log.
+GET /health, GET /metrics (metrics.py), GET /v1/models[/{id}], POST /v1/completions,
+POST /v1/chat/completions. One thread owns MLX (api.Engine): a request joins the running
+batch at the next step and keeps its own settings. Bad requests, an OpenAI field this
+server does not honour among them, get OpenAI-style error JSON with status 400 and
+`param` naming the field (429 with Retry-After when the queue is full) and one line in
+the log; every answered request leaves one log line too.
 """
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)

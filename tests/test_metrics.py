@@ -92,7 +92,8 @@ def test_counters_agree_with_the_responses_usage(apps, pair):
     usages = [r.usage for r in whole] + [chunks[-1].usage]
     speculative = [r.model_extra["speculative"] for r in whole] + [chunks[-2].model_extra["speculative"]]
     finished = [r.choices[0].finish_reason for r in whole] + [chunks[-2].choices[0].finish_reason]
-    for endpoint, reasons in (("/v1/completions", finished[:4] + finished[5:]), ("/v1/chat/completions", finished[4:5])):
+    by_endpoint = {"/v1/completions": finished[:4] + finished[5:], "/v1/chat/completions": finished[4:5]}
+    for endpoint, reasons in by_endpoint.items():
         for reason in set(reasons):
             counted = delta(after, before, "speculative_requests_total", endpoint=endpoint, status="200",
                             finish_reason=reason)
