@@ -75,15 +75,26 @@ def load_models(target_path, draft_path=None, pipeline=None):
     except model.LoadError as error:
         raise UsageError(str(error)) from None
     families = [type(m).__module__.split(".")[-1] for m in (distributed.local(target), draft) if m is not None]
-    if len(set(families)) > 1:
+    # Decoder-only models (own or mlx-lm's) decode alike; T5 starts from its encoder.
+    if len({name == "t5" for name in families}) > 1:
         raise UsageError(f"draft and target are of different families ({families[1]} draft, {families[0]} target); "
                          f"speculative decoding needs one family and one tokenizer")
-    if draft is not None and draft.vocab_size != target.vocab_size:
-        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
-    # Same size is not enough: a token id must mean the same text to both.
-    if draft is not None and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
+    if draft is not None:
+        check_vocabularies(distributed.local(target), draft, tokenizer, draft_tokenizer)
     return target, draft, tokenizer
+
+
+def check_vocabularies(target, draft, tokenizer, draft_tokenizer):
+    """A UsageError unless draft and target share a tokenizer and logits as wide (an mlx-lm
+    model narrower than the other, as Qwen's padded embeddings, is widened with -inf logits)."""
+    # Same size is not enough: a token id must mean the same text to both.
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
+    narrow, wide = sorted((draft, target), key=lambda m: m.vocab_size)
+    if narrow.vocab_size != wide.vocab_size and hasattr(narrow, "widen") and len(tokenizer) <= narrow.vocab_size:
+        narrow.widen(wide.vocab_size)
+    if draft.vocab_size != target.vocab_size:
+        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
 
 
 def load(target, draft=None, prompt_lookup=False, ngram_max=3):
@@ -211,11 +222,11 @@ class Generation:
     string (drafted, accepted and target_calls still count all the work done).
     """
 
-    def __init__(self, tokenizer, eos_token_id, stop=(), stats=None):
+    def __init__(self, tokenizer, eos_token_ids, stop=(), stats=None):
         self.tokenizer = tokenizer
         self.text = TextStream(tokenizer)
         self.stop = StopText(stop)
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
         self.stats = stats
         self.tokens = []
         self.handed = 0  # characters handed on so far
@@ -233,7 +244,7 @@ class Generation:
             self.finish_reason = "stop"
             self.cut()
         elif step.finished:
-            self.finish_reason = "stop" if self.tokens[-1] == self.eos_token_id else "length"
+            self.finish_reason = "stop" if self.tokens[-1] in self.eos_token_ids else "length"
         return piece
 
     def cut(self):
@@ -276,7 +287,7 @@ def steps(pair, requests, policy, batch_size=1):
 def stream_generation(pair, prompt, chosen, stats=None):
     """Yield (new text, Generation) per step of one prompt until it is done."""
     one = request(pair, prompt, chosen, stats)
-    generation = Generation(pair.tokenizer, pair.target.eos_token_id, chosen.stop, one.stats)
+    generation = Generation(pair.tokenizer, pair.target.eos_token_ids, chosen.stop, one.stats)
     for step in steps(pair, [one], make_policy(chosen.schedule, chosen.num_draft)):
         yield generation.add(step), generation
         if generation.finish_reason:
@@ -343,7 +354,7 @@ class Engine:
                                 f"{len(self.queue)} requests are waiting; try again later")
             one = request(self.pair, ids, chosen)
             one.num_draft = min(chosen.num_draft, self.num_draft)
-            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_id, chosen.stop, one.stats)
+            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_ids, chosen.stop, one.stats)
             index = self.queue.put(one)
             self.open[index] = (generation, listener, one.stats)
             return index
