@@ -26,8 +26,8 @@ import distributed
 import drafters
 import model
 from policy import make_policy
+from textstream import REPLACEMENT, TextStream, text_of  # noqa: F401  (text_of: part of this interface)
 from tokenizer import check_text
-from textstream import TextStream, text_of  # noqa: F401  (text_of: part of this interface)
 
 
 class UsageError(ValueError):
@@ -101,15 +101,26 @@ def load_models(target_path, draft_path=None, pipeline=None):
     except model.LoadError as error:
         raise UsageError(str(error)) from None
     families = [type(m).__module__.split(".")[-1] for m in (distributed.local(target), draft) if m is not None]
-    if len(set(families)) > 1:
+    # Decoder-only models (own or mlx-lm's) decode alike; T5 starts from its encoder.
+    if len({name == "t5" for name in families}) > 1:
         raise UsageError(f"draft and target are of different families ({families[1]} draft, {families[0]} target); "
                          f"speculative decoding needs one family and one tokenizer")
-    if draft is not None and draft.vocab_size != target.vocab_size:
-        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
-    # Same size is not enough: a token id must mean the same text to both.
-    if draft is not None and draft_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
+    if draft is not None:
+        check_vocabularies(distributed.local(target), draft, tokenizer, draft_tokenizer)
     return target, draft, tokenizer
+
+
+def check_vocabularies(target, draft, tokenizer, draft_tokenizer):
+    """A UsageError unless draft and target share a tokenizer and logits as wide (an mlx-lm
+    model narrower than the other, as Qwen's padded embeddings, is widened with -inf logits)."""
+    # Same size is not enough: a token id must mean the same text to both.
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError("draft and target vocabularies differ (their tokenizers map tokens to different ids)")
+    narrow, wide = sorted((draft, target), key=lambda m: m.vocab_size)
+    if narrow.vocab_size != wide.vocab_size and hasattr(narrow, "widen") and len(tokenizer) <= narrow.vocab_size:
+        narrow.widen(wide.vocab_size)
+    if draft.vocab_size != target.vocab_size:
+        raise UsageError(f"draft and target vocabularies differ ({draft.vocab_size} vs {target.vocab_size} tokens)")
 
 
 def load(target, draft=None, prompt_lookup=False, ngram_max=3):
@@ -147,18 +158,24 @@ class Settings:
 
     def problem(self, name=str):
         """The first value out of range as one line, or None; name(field) spells a field (e.g. as a flag)."""
+        found = self.invalid(name)
+        return found and found[1]
+
+    def invalid(self, name=str):
+        """(field, one line) of the first value out of range, or None."""
         rules = [
-            (self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
-            (0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
-            (0.0 <= self.temperature < math.inf,
+            ("num_draft", self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
+            ("delta", 0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
+            ("temperature", 0.0 <= self.temperature < math.inf,
              f"{name('temperature')} must be finite and not negative, got {self.temperature}"),
-            (0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
-            (self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
-            (self.seed is None or 0 <= self.seed < 2**64, f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
-            (self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
+            ("top_p", 0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
+            ("top_k", self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
+            ("max_tokens", self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64,
+             f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
+            ("schedule", self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
         ]
-        return next((message for ok, message in rules if not ok), None)
+        return next(((field, message) for field, ok, message in rules if not ok), None)
 
     @property
     def sampling(self):
@@ -269,30 +286,56 @@ class Generation:
     """One request's output as its Step records arrive: whole characters, cut before a stop string.
 
     `add(step)` returns the new text; `finish_reason` becomes "stop" (EOS or a stop string)
-    or "length" (max_tokens) when the request is done.
+    or "length" (max_tokens) when the request is done. `tokens` are the tokens the text
+    handed on is made of: a stop string cuts them at the last token that gave text before
+    it (tokens decoded past it, whether one at a time or drafted in one step, are not the
+    client's), so a plain and a speculative run that hand on one text count the same.
+    stats: the request's decoder.Stats, whose `generated` is set to len(tokens) at a stop
+    string (drafted, accepted and target_calls still count all the work done).
     """
 
-    def __init__(self, tokenizer, eos_token_id, stop=()):
+    def __init__(self, tokenizer, eos_token_ids, stop=(), stats=None):
+        self.tokenizer = tokenizer
         self.text = TextStream(tokenizer)
         self.stop = StopText(stop)
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.stats = stats
         self.tokens = []
+        self.handed = 0  # characters handed on so far
         self.finish_reason = None
 
     def add(self, step):
+        if self.finish_reason:
+            return ""
         self.tokens += step.tokens
         piece = self.stop.feed(self.text.add(step.tokens))
+        if not self.stop.stopped and step.finished:
+            piece += self.stop.feed(self.text.finish(), final=True)
+        self.handed += len(piece)
         if self.stop.stopped:
             self.finish_reason = "stop"
+            self.cut()
         elif step.finished:
-            piece += self.stop.feed(self.text.finish(), final=True)
-            self.finish_reason = "stop" if self.stop.stopped or self.tokens[-1] == self.eos_token_id else "length"
+            self.finish_reason = "stop" if self.tokens[-1] in self.eos_token_ids else "length"
         return piece
+
+    def cut(self):
+        """Drop the tokens past the last one that the text handed on needs."""
+        n = len(self.tokens)
+        while n > 0 and len(text_of(self.tokenizer, self.tokens[: n - 1]).rstrip(REPLACEMENT)) >= self.handed:
+            n -= 1
+        del self.tokens[n:]
+        if self.stats is not None:
+            self.stats.generated = n
 
 
 @dataclass
 class Completion:
-    """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats."""
+    """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats.
+
+    tokens: the ids the text is made of (cut at a stop string as Generation says);
+    stats.generated == len(tokens).
+    """
 
     text: str
     tokens: list
@@ -328,7 +371,7 @@ def steps(pair, requests, policy, batch_size=1):
 def stream_generation(pair, prompt, chosen, stats=None):
     """Yield (new text, Generation) per step of one prompt until it is done."""
     one = request(pair, prompt, chosen, stats)
-    generation = Generation(pair.tokenizer, pair.target.eos_token_id, chosen.stop)
+    generation = Generation(pair.tokenizer, pair.target.eos_token_ids, chosen.stop, one.stats)
     for step in steps(pair, [one], make_policy(chosen.schedule, chosen.num_draft)):
         yield generation.add(step), generation
         if generation.finish_reason:
@@ -357,12 +400,14 @@ def generate(pair, prompt, **values):
 
 @dataclass
 class Event:
-    """What the engine tells a request's listener after a step: new text, and when done the finish reason."""
+    """What the engine tells a request's listener after a step: new text (maybe none), and when done
+    the finish reason; step: the decoder.Step record it came from (None for an event of no step)."""
 
     text: str
     finish_reason: str = None
     stats: decoder.Stats = None
     error: str = None
+    step: decoder.Step = None
 
 
 class Guarded:
@@ -401,9 +446,10 @@ class Engine:
 
     A request joins the running batch at the next step, keeps its own Settings, and leaves
     it when done, stopped or cancelled. Its listener is called on the engine's thread with
-    an Event after every step that gives it text, and once with its finish reason (or its
-    error: a fault inside one request ends that request; one the batch shares ends the
-    requests decoding in it, never those still waiting, nor the engine).
+    an Event after every step that gives it tokens (the text they complete, maybe none), the
+    last one with its finish reason (or its error: a fault inside one request ends that
+    request; one the batch shares ends the requests decoding in it, never those still
+    waiting, nor the engine).
     max_context: a limit in tokens below the models' own (see context_limits), or None.
     """
 
@@ -434,7 +480,7 @@ class Engine:
                 raise QueueFull("the server is shutting down" if self.closed else
                                 f"{len(self.queue)} requests are waiting; try again later")
             one.num_draft = min(chosen.num_draft, self.num_draft)
-            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_id, chosen.stop)
+            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_ids, chosen.stop, one.stats)
             index = self.queue.put(one)
             self.open[index] = (generation, listener, one.stats)
             self.indices[id(one.ids)] = index
@@ -519,6 +565,6 @@ class Engine:
         generation, listener, stats = entry
         piece = generation.add(step)
         if generation.finish_reason:
-            self.end(step.index, Event(piece, generation.finish_reason), leave=not step.finished)
-        elif piece:
-            self.tell(listener, Event(piece, None, stats))
+            self.end(step.index, Event(piece, generation.finish_reason, step=step), leave=not step.finished)
+        else:
+            self.tell(listener, Event(piece, None, stats, step=step))

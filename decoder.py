@@ -48,7 +48,8 @@ class LanguageModel(Protocol):
     """
 
     vocab_size: int
-    eos_token_id: int
+    eos_token_id: int  # the model's first EOS id (what T5 feeds an empty prompt)
+    eos_token_ids: frozenset  # every id that ends a row (config.json and generation_config.json)
 
     def start(self, prompts: list) -> tuple:
         """(cache, first input token of each row) for prompts given as lists of token ids."""
@@ -168,9 +169,10 @@ def sampled_accept(p, q, drafts, delta, limit=None, key=None):
     p (batch, k + 1, vocab) is the target's distribution at each draft position and one
     beyond, q (batch, k, vocab) the drafter's (None: a point mass on each draft). Draft x
     is accepted with probability min(1, p(x)/q(x) + delta); at the first rejection the
-    token comes from norm(max(0, p - q)), and when all pass from p at the last position.
-    At delta 0 the result is distributed as p. key: one, or one per row (batch, 2); delta:
-    one value, or one per row.
+    token comes from norm(max(0, p - q)). Where a row stops without a rejection (all k
+    accepted, or its `limit` (batch,) reached: its own cap, a drafter with fewer real
+    drafts, its budget) the token comes from p itself. At delta 0 the result is
+    distributed as p. key: one, or one per row (batch, 2); delta: one value, or one per row.
     """
     if key is None:
         accept_key = residual_key = None
@@ -187,14 +189,18 @@ def sampled_accept(p, q, drafts, delta, limit=None, key=None):
     q_draft = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
     accept = uniform((batch, k), accept_key) < mx.minimum(1.0, p_draft / q_draft + delta)
     count = leading_true(accept)
+    rejected = count < k
     if limit is not None:
+        rejected = count < limit
         count = mx.minimum(count, limit)
     at = count[:, None, None]
-    residual = mx.take_along_axis(mx.maximum(p - mx.pad(q, [(0, 0), (0, 1), (0, 0)]), 0.0), at, axis=1)[:, 0]
+    p_next = mx.take_along_axis(p, at, axis=1)[:, 0]
+    q_next = mx.take_along_axis(mx.pad(q, [(0, 0), (0, 1), (0, 0)]), at, axis=1)[:, 0]
+    residual = mx.maximum(p_next - q_next, 0.0)
     # A residual of zero mass (p == q) is never reached by a rejection; guard anyway.
     mass = residual.sum(axis=-1, keepdims=True)
-    residual = mx.where(mass > 0, residual / mx.maximum(mass, 1e-30), mx.take_along_axis(p, at, axis=1)[:, 0])
-    return count, sample(residual, residual_key)
+    chosen = mx.where(rejected[:, None] & (mass > 0), residual / mx.maximum(mass, 1e-30), p_next)
+    return count, sample(chosen, residual_key)
 
 
 def verify(logits, drafts, q, limit, delta, sampling):
@@ -236,7 +242,7 @@ def generate(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None):
         stats.generated += 1
         stats.seconds = time.perf_counter() - began
         yield value
-        if value == model.eos_token_id:
+        if value in model.eos_token_ids:
             return
         token = upcoming
 
@@ -246,7 +252,7 @@ def plain_steps(model, prompt_ids, max_tokens, sampling=Sampling(), stats=None, 
     """`generate` as Step records, one per token, for callers that read records."""
     began = time.perf_counter()
     for count, token in enumerate(generate(model, prompt_ids, max_tokens, sampling, stats), 1):
-        finished = token == model.eos_token_id or count == max_tokens
+        finished = token in model.eos_token_ids or count == max_tokens
         now = time.perf_counter()
         yield Step(index, [token], 0, 0, 0, finished, now - began, 0.0)
         began = now
@@ -426,9 +432,11 @@ class Batch:
             if self.drafter is not None:
                 self.drafter.keep_rows(slots)
 
-    def caps(self, policy):
-        """Each row's cap on drafts: its request's num_draft, else the policy's."""
-        return [policy.num_draft if row.request.num_draft is None else row.request.num_draft for row in self.rows]
+    def limits(self, policy, remaining):
+        """Each row's limit on drafts it may accept: its request's num_draft (else the policy's), and
+        one less than the tokens it has `remaining` (the target adds one)."""
+        return [min(policy.num_draft if row.request.num_draft is None else row.request.num_draft, left - 1)
+                for row, left in zip(self.rows, remaining)]
 
     def deltas(self):
         """The rows' delta: one number when they share it, else a list."""
@@ -483,22 +491,23 @@ def speculative_steps(
         began = time.perf_counter()
         rows = batch.rows
         remaining = [row.request.max_tokens - row.generated for row in rows]
-        caps, deltas = batch.caps(policy), batch.deltas()
-        k, launched = queued or (choose_k(drafter, policy, rows, remaining, caps), None)
+        limits, deltas = batch.limits(policy, remaining), batch.deltas()
+        k, launched = queued or (choose_k(drafter, policy, rows, limits), None)
         newest = [row.newest for row in rows]
         drafting = time.perf_counter()
         if launched is None:
             draft_sampling, verify_sampling = batch.sampling()
             launched = draft_and_verify(target, drafter, batch.cache, newest, k, deltas, draft_sampling,
-                                        verify_sampling, caps)
-        table, real = launched
-        queued = None
+                                        verify_sampling, limits)
+        table, drafted = launched
+        queued = keys_before = None
         if k == 0 and pipelined and min(remaining) > 1 and not batch.joining():
             # As plain decoding does: a plain step waits on no draft, so the next step is chosen now
             # and, if plain too, queued before this one is read, and the device never idles.
-            upcoming = choose_k(drafter, policy, rows, [left - 1 for left in remaining], caps)
+            upcoming = choose_k(drafter, policy, rows, batch.limits(policy, [left - 1 for left in remaining]))
             queued = (upcoming, None)
             if upcoming == 0:
+                keys_before = [row.key for row in rows]
                 _, verify_sampling = batch.sampling()
                 queued = (0, draft_and_verify(target, drafter, batch.cache, table[:, -1], 0, deltas, verify_sampling))
                 mx.async_eval(queued[1][0])
@@ -507,11 +516,10 @@ def speculative_steps(
         accepted = [row[0] for row in table]
         proposed = [row[1 : k + 1] for row in table]
         verdicts = [row[k + 1] for row in table]
-        drafted = [min(count, left - 1) for count, left in zip(real, remaining)]
         batch.cache.trim([k - count for count in accepted])
         if drafter is not None:
             drafter.settle(newest, k, accepted, proposed, verdicts)
-        records = [settle_row(row, entry, k, useful, left, target.eos_token_id)
+        records = [settle_row(row, entry, k, useful, left, target.eos_token_ids)
                    for row, entry, useful, left in zip(rows, table, drafted, remaining)]
         seconds = time.perf_counter() - began
         host = seconds - (verified - drafting)
@@ -532,55 +540,60 @@ def speculative_steps(
         if queued is not None and (plan[0] or plan[2] is not None):
             if queued[1] is not None:
                 batch.cache.trim(1)  # the queued plain pass fed rows that are leaving or gaining company: undo it
+                for row, key in zip(rows, keys_before):
+                    row.key = key  # and its draws: a row's random stream does not depend on its company
             queued = None
         for index in batch.refill(finished, plan):
             policy.forget(index)
 
 
-def choose_k(drafter, policy, rows, remaining, caps=None):
-    """The policy's k for the coming step of `rows`, within the tokens they have left and their caps
-    (0 without a drafter)."""
+def choose_k(drafter, policy, rows, limits):
+    """The policy's k for the coming step of `rows`, within their limits on drafts (0 without a drafter)."""
     if drafter is None:
         return 0
-    caps = caps or [policy.num_draft] * len(rows)
-    cap = drafter.available(min(policy.num_draft, max(min(c, left - 1) for c, left in zip(caps, remaining))))
+    cap = drafter.available(min(policy.num_draft, max(limits)))
     return policy.choose([row.index for row in rows], cap)
 
 
-def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_sampling=None, caps=None):
+def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_sampling=None, limits=None):
     """Draft k tokens per row, score them with the target, verify: one host read.
 
     newest: each row's input token, a list or an array on the device; delta: one value or
     one per row; sampling is the drafter's, verify_sampling the verifier's (default: the
-    same); caps (per row) limit how many drafts a row may accept. Returns (a table on the
-    device, per row [accepted count, draft 1 .. draft k, target token]; real drafts per row).
+    same); limits (per row, default k) cap how many drafts a row may accept, and a row
+    stopped by its limit takes its next token from the target's own distribution. Returns
+    (a table on the device, per row [accepted count, draft 1 .. draft k, target token];
+    the drafts each row could accept, its useful drafts).
     """
     drafts = mx.zeros((len(newest), 0), mx.int32)
-    q = limit = None
+    q = None
+    useful = [0] * len(newest)
     if k > 0:
-        drafts, q, limit = drafter.propose(newest, k, sampling)
-        if caps is not None and min(caps) < k:
-            limit = [min(real, cap) for real, cap in zip(limit or [k] * len(newest), caps)]
+        drafts, q, real = drafter.propose(newest, k, sampling)
+        useful = [min(k if real is None else r, k if limit is None else limit)
+                  for r, limit in zip(real or [None] * len(newest), limits or [None] * len(newest))]
     inputs = newest if isinstance(newest, mx.array) else mx.array(newest, mx.int32)
     logits = target.decode(mx.concatenate([inputs[:, None], drafts], axis=1), cache)
+    limit = None if all(count == k for count in useful) else useful
     counts, tokens = verify(logits, drafts, q, limit, delta, verify_sampling or sampling)
     table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32)
     # The drafter said on the host how many drafts are real: no need to send that through the device.
-    return table, ([k] * len(newest) if limit is None else limit)
+    return table, useful
 
 
 def settle_row(row, entry, k, drafted, left, eos):
     """Count one row's step in its stats and say what it emits: its Step record.
 
-    Counts come from what is emitted: drafts after an accepted EOS were judged for
-    nothing (the row ends there), so they count neither as drafted nor as accepted.
+    eos: the ids that end a row. Counts come from what is emitted: drafts after an accepted
+    EOS were judged for nothing (the row ends there), so they count neither as drafted nor
+    as accepted.
     """
     count, *proposed = entry
     emitted = proposed[:count] + proposed[k : k + 1]  # proposed[k]: the target's token after the prefix
     tokens = []
     for value in emitted[:left]:
         tokens.append(value)
-        if value == eos:
+        if value in eos:
             break
     accepted = min(count, drafted)
     if len(tokens) <= accepted:  # the row ended inside the accepted drafts
@@ -592,7 +605,7 @@ def settle_row(row, entry, k, drafted, left, eos):
     row.stats.generated += len(tokens)
     row.generated += len(tokens)
     row.newest = tokens[-1]
-    finished = len(tokens) >= left or tokens[-1] == eos
+    finished = len(tokens) >= left or tokens[-1] in eos
     return Step(row.index, tokens, k, drafted, accepted, finished, 0.0, 0.0)
 
 

@@ -436,6 +436,8 @@ def split(sizes, ranks):
 
 def parts(path, group):
     """The Part of every rank for the target in converted folder `path`; a LoadError if it has too few layers."""
+    if model.folder_family(path) is model.mlxlm:
+        raise model.LoadError(model.PIPELINE_REFUSAL)
     try:
         return split(unit_bytes(model.read_config(path)), group.size)
     except ValueError as error:

@@ -16,7 +16,7 @@ import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 import mlx.core as mx
 import numpy as np
 
-from sampling import distribution, sample, split_rows
+from sampling import distribution, position_keys, sample
 
 
 def left_padded(sequences):
@@ -61,8 +61,9 @@ class ModelDrafter:
         """k tokens per row after `newest` (sampling: one setting, or one per row); nothing here waits on the device."""
         inputs, padding = left_padded([unseen + [token] for unseen, token in zip(self.unseen, newest)])
         tokens, dists = [], []
-        # Rows with their own random streams draw draft i from their key's i-th part.
-        keys = split_rows(sampling.keys, k) if k and sampling.keys is not None else None
+        # Rows with their own random streams draw draft i from their key for position i, the same
+        # whatever k the batch asked for.
+        keys = position_keys(sampling.keys, k) if k and sampling.keys is not None else None
         greedy = sampling.greedy_rows
         for i in range(k):
             logits = self.model.decode(inputs, self.cache, padding)[:, -1]

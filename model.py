@@ -1,8 +1,11 @@
-"""Loading converted models: `load()` reads a folder written by convert.py.
+"""Loading models: `load()` reads a folder written by convert.py, or one mlx-lm wrote.
 
 config.json's `model_type` picks the family (models/<type>.py); each family declares
 its `ModelArgs` and its MLX `Model`, which exposes what a decoding loop needs
-(decoder.LanguageModel) and nothing of drafting.
+(decoder.LanguageModel) and nothing of drafting. A folder whose tensors carry mlx-lm's
+names (written by mlx_lm.convert, or published by the mlx-community), and any model_type
+the project's own families lack, loads through mlx-lm's model classes (models/mlxlm.py).
+A hub id ORG/NAME that is no local folder is looked up in Hugging Face's local cache.
 """
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
@@ -15,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 import cli
-from models import gpt2, llama, t5
+from models import gpt2, llama, mlxlm, t5
 from tokenizer import load as load_tokenizer
 
 MODELS_DIR = Path("mlx_models")
@@ -27,18 +30,34 @@ class LoadError(Exception):
     """A model folder that is missing or unusable."""
 
 
+PIPELINE_REFUSAL = ("--pipeline splits the project's own families (T5, GPT-2, Llama) only; "
+                    "an mlx-lm model runs whole on one machine (drop --pipeline)")
+
+
 def family(config):
-    """The module of the family config.json's `model_type` names."""
+    """The module of the project's own family config.json's `model_type` names (what convert.py writes)."""
     model_type = config.get("model_type", "t5")
     if model_type not in FAMILIES:
         raise LoadError(f"model_type '{model_type}' is not supported (supported: {', '.join(FAMILIES)})")
     return FAMILIES[model_type]
 
 
-def build(config, source="config.json", part=None):
-    """The (uninitialised) MLX model a config.json (file `source`) describes: its pipeline
-    part `part` (models.base.Part) only, if given."""
-    module = family(config)
+def loader(config, names=()):
+    """The family that loads a folder of this config.json and these tensor names: the project's
+    own for what convert.py writes, models/mlxlm.py for mlx-lm's names or a type only mlx-lm knows."""
+    model_type = config.get("model_type", "t5")
+    if model_type in FAMILIES and not (model_type != "t5" and mlxlm.named_by_mlx_lm(names)):
+        return FAMILIES[model_type]
+    if mlxlm.architecture(model_type) is None:
+        raise LoadError(f"model_type '{model_type}' is not supported: neither the project's families "
+                        f"({', '.join(FAMILIES)}) nor mlx-lm's architectures have it")
+    return mlxlm
+
+
+def build(config, source="config.json", part=None, module=None):
+    """The (uninitialised) MLX model a config.json (file `source`) describes, in family
+    `module` (default: loader(config)): its pipeline part `part` (models.base.Part) only, if given."""
+    module = module or loader(config)
     try:
         return module.Model(module.ModelArgs.from_config(config), part)
     except (KeyError, TypeError, ValueError, AttributeError) as error:  # a value missing or of the wrong kind
@@ -102,19 +121,50 @@ def default_dtype():
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
+def hub_id(name):
+    """Whether `name` reads as a Hugging Face hub id, ORG/NAME."""
+    parts = str(name).split("/")
+    return len(parts) == 2 and all(parts) and not str(name).startswith(".")
+
+
+def hub_cached(name):
+    """The folder of hub id `name` in Hugging Face's local cache (HF_HUB_CACHE); None if not there.
+
+    Only the cache is read: nothing is downloaded, so a model fetched once works offline.
+    """
+    if not hub_id(name):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = Path(snapshot_download(str(name), local_files_only=True))
+    except (OSError, HFValidationError):  # LocalEntryNotFoundError is an OSError
+        return None
+    return folder if (folder / "config.json").exists() else None
+
+
 def find(path_or_name):
-    """A converted folder, or a model name resolved under mlx_models/; None if neither holds a config.json."""
+    """A converted or mlx-lm folder, a model name resolved under mlx_models/, or a hub id
+    ORG/NAME in Hugging Face's local cache; None if none of them holds a config.json."""
     for path in (Path(path_or_name), MODELS_DIR / str(path_or_name).rstrip("/").split("/")[-1]):
         if (path / "config.json").exists():
             return path
-    return None
+    return hub_cached(path_or_name)
+
+
+def fetch_command(name):
+    """What to run to have model `name`: download an MLX model of the hub, or convert a checkpoint."""
+    convert = f"python convert.py --model {name}"
+    return f"hf download {name} (an MLX model) or {convert} (a checkpoint to convert)" if hub_id(name) else convert
 
 
 def not_found(names):
-    """The LoadError for models not converted yet, with the commands that convert them."""
-    commands = " && ".join(f"python convert.py --model {name}" for name in names)
-    return LoadError(f"model{'s' * (len(names) > 1)} {' and '.join(map(repr, names))} not found; "
-                     f"convert first: {commands}")
+    """The LoadError for models not there yet, with the commands that fetch or convert them."""
+    hub = any(hub_id(name) for name in names)
+    where = " (no such folder, none under mlx_models/, none in the Hugging Face cache)" if hub else ""
+    return LoadError(f"model{'s' * (len(names) > 1)} {' and '.join(map(repr, names))} not found{where}; "
+                     f"{'fetch or convert' if hub else 'convert'} first: {' && '.join(map(fetch_command, names))}")
 
 
 def resolve(path_or_name):
@@ -126,11 +176,25 @@ def resolve(path_or_name):
 
 
 def read_config(path):
-    """config.json of converted folder `path`, which must name its model_type."""
+    """config.json of converted folder `path`, which must name its model_type.
+
+    Its eos_token_id becomes a list of every EOS id that config.json and
+    generation_config.json name (config.json's first), as transformers' generate stops at each.
+    """
     config = read_json(path / "config.json")
     if "model_type" not in config:
         raise LoadError(f"{path / 'config.json'} names no model_type; convert the model again with convert.py")
+    generation = path / "generation_config.json"
+    named = as_list(config.get("eos_token_id")) + as_list(read_json(generation).get("eos_token_id")
+                                                          if generation.is_file() else None)
+    if named:
+        config["eos_token_id"] = list(dict.fromkeys(named))
     return config
+
+
+def as_list(ids):
+    """A config's token id or ids as a list (None: none)."""
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
 def weight_files(path):
@@ -231,17 +295,46 @@ def quantize_layers(model, config, weights):
     nn.quantize(model, group_size, bits, class_predicate=lambda path, _: f"{path}.scales" in weights)
 
 
+def stored_names(files):
+    """The tensor names in safetensors `files` (read from their headers: nothing is loaded)."""
+    return [name for file in files for name in read_weights(file)]
+
+
+def folder_family(path):
+    """The family that loads converted or mlx-lm folder `path` (see loader)."""
+    return loader(read_config(path), stored_names(weight_files(path)))
+
+
+def load_mlx_lm(path, dtype=None):
+    """The model in mlx-lm folder `path`, read by mlx-lm itself; its floats cast to `dtype`, or
+    (None) to float32 on the CPU as every family's, kept as stored on a GPU as mlx-lm runs them.
+    It stops at every EOS id read_config finds."""
+    if dtype is None and default_dtype() == mx.float32:
+        dtype = mx.float32
+    try:
+        return mlxlm.load(path, dtype, as_list(read_config(path).get("eos_token_id")))
+    except mlxlm.Unsupported as error:
+        raise LoadError(f"{path}: {error}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
+        raise LoadError(f"mlx-lm cannot load {path} ({type(error).__name__}: {cli.first_line(error)})") from None
+
+
 def load_model(path, dtype=None, part=None):
-    """The model in a converted folder, its float weights cast to `dtype` (default_dtype() if None).
+    """The model in a converted or mlx-lm folder, its float weights cast to `dtype` (default_dtype() if None).
 
     A quantized folder loads as quantized layers; its packed weights are never cast.
-    part (models.base.Part): build and read only that pipeline part's layers.
+    part (models.base.Part): build and read only that pipeline part's layers (own families only).
     """
     path = Path(path)
-    config = read_config(path)
-    model = build(config, path / "config.json", part)  # lazy: its random initial weights are never computed
+    config, files = read_config(path), weight_files(path)
+    module = loader(config, stored_names(files))
+    if module is mlxlm:
+        if part is not None and not (part.first and part.last):
+            raise LoadError(PIPELINE_REFUSAL)
+        return load_mlx_lm(path, dtype)
+    model = build(config, path / "config.json", part, module)  # lazy: its random initial weights are never computed
     rename = None if part is None else part_names(model)
-    weights = cast_weights(weight_files(path), dtype or default_dtype(), rename)
+    weights = cast_weights(files, dtype or default_dtype(), rename)
     quantize_layers(model, config, weights)
     try:
         model.load_weights(list(weights.items()))

@@ -93,11 +93,28 @@ def split_rows(keys, num=2):
     return None if keys is None else mx.vmap(lambda key: mx.random.split(key, num))(keys)
 
 
+def position_keys(keys, count):
+    """(batch, count, 2): a key per row and position from per-row keys (batch, 2), drawn as a chain.
+
+    Position i's key is the same whatever `count` (> i) is, so a row's draws do not depend
+    on how many drafts its batch asked for (MLX's split(key, n) changes every part with n).
+    """
+    parts, rest = [], keys
+    for _ in range(count):
+        both = split_rows(rest)
+        parts.append(both[:, 0])
+        rest = both[:, 1]
+    return mx.stack(parts, axis=1) if parts else mx.zeros((keys.shape[0], 0, 2), keys.dtype)
+
+
 def uniform(shape, keys=None):
-    """Uniform [0, 1) draws of `shape` (batch, ...): from each row's key, or the global generator."""
+    """Uniform [0, 1) draws of `shape` (batch, n): from the global generator or one key, or, with
+    per-row keys (batch, 2), one draw per row and position from `position_keys`."""
     if keys is None or keys.ndim == 1:
         return mx.random.uniform(shape=shape, key=keys)
-    return mx.vmap(lambda key: mx.random.uniform(shape=shape[1:], key=key))(keys)
+    if shape[1] == 0:  # nothing to draw (and MLX's vmap over zero positions dies with SIGFPE)
+        return mx.zeros(shape)
+    return mx.vmap(mx.vmap(lambda key: mx.random.uniform(key=key)))(position_keys(keys, shape[1]))
 
 
 def sample(probs, key=None):

@@ -123,9 +123,18 @@ def read_config(folder):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def chat_template(folder, config):
+    """The folder's chat template (Jinja text): tokenizer_config.json's `chat_template`, else the
+    chat_template.jinja file current transformers saves it in; None when it has neither."""
+    path = Path(folder) / "chat_template.jinja"
+    if config.get("chat_template"):
+        return config["chat_template"]
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def needs_transformers(folder, config):
     """Why the folder's tokenizer must come from transformers, or None when its files say it all."""
-    if "chat_template" in config or any(Path(folder).glob("chat_template.*")):
+    if chat_template(folder, config) is not None or any(Path(folder).glob("chat_template.*")):
         return "a chat template"
     if config.get("tokenizer_class") not in PLAIN_CLASSES:
         return f"tokenizer class {config['tokenizer_class']}"
@@ -142,7 +151,10 @@ def load(folder):
     folder = Path(folder)
     config = read_config(folder)
     if needs_transformers(folder, config):
-        return reference_tokenizer(folder)
+        loaded = reference_tokenizer(folder)
+        if not getattr(loaded, "chat_template", None):  # a transformers too old to read chat_template.jinja
+            loaded.chat_template = chat_template(folder, config)
+        return loaded
     if (folder / "tokenizer.json").is_file():
         try:
             return FastTokenizer(folder, config)

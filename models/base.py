@@ -72,15 +72,25 @@ def whole(total):
 
 
 class TokenIds:
-    """vocab_size and eos_token_id, which decoder.LanguageModel asks for, read from the model's `args`."""
+    """vocab_size and the EOS ids, which decoder.LanguageModel asks for, read from the model's `args`.
+
+    args.eos_token_id is one id or a list of them (Llama 3 Instruct names three: the end of
+    the text and the ends of a turn); every one ends a row.
+    """
 
     @property
     def vocab_size(self):
         return self.args.vocab_size
 
     @property
+    def eos_token_ids(self):
+        ids = self.args.eos_token_id
+        return frozenset(ids if isinstance(ids, (list, tuple)) else () if ids is None else (ids,))
+
+    @property
     def eos_token_id(self):
-        return self.args.eos_token_id
+        ids = self.args.eos_token_id
+        return ids[0] if isinstance(ids, (list, tuple)) else ids
 
 
 class CausalModel(TokenIds):

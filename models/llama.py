@@ -43,8 +43,6 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if isinstance(self.eos_token_id, list):  # Llama 3 instruct lists several; the decoder stops at one
-            self.eos_token_id = self.eos_token_id[0]
         rope = dict(self.rope_scaling or {}, **(self.rope_parameters or {}))
         self.rope_theta = rope.pop("rope_theta", self.rope_theta)
         self.rope_type = rope.get("rope_type", rope.get("type", "default"))

@@ -40,7 +40,7 @@ class CountingTarget:
 
     def __init__(self, target):
         self.target, self.passes = target, 0
-        self.vocab_size, self.eos_token_id = target.vocab_size, target.eos_token_id
+        self.vocab_size, self.eos_token_id, self.eos_token_ids = target.vocab_size, target.eos_token_id, target.eos_token_ids
 
     def start(self, prompts):
         return self.target.start(prompts)

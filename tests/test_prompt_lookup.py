@@ -49,7 +49,7 @@ class Echo:
 
     def __init__(self, inner, prompt):
         self.inner, self.prompt = inner, mx.array(prompt)
-        self.vocab_size, self.eos_token_id = inner.vocab_size, inner.eos_token_id
+        self.vocab_size, self.eos_token_id, self.eos_token_ids = inner.vocab_size, inner.eos_token_id, inner.eos_token_ids
 
     def start(self, prompts):
         return self.inner.start(prompts)
