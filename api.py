@@ -13,9 +13,12 @@ through an `Engine` (continuous batching), each with its own `Settings`.
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux: `import api` may come first)
 
+import dataclasses
 import math
+import numbers
 import threading
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import decoder
@@ -23,11 +26,20 @@ import distributed
 import drafters
 import model
 from policy import make_policy
-from textstream import TextStream, text_of  # noqa: F401  (text_of: part of this interface)
+from textstream import REPLACEMENT, TextStream, text_of  # noqa: F401  (text_of: part of this interface)
+from tokenizer import check_text
 
 
 class UsageError(ValueError):
-    """A bad value, folder or prompt: its message is one line that says what to change."""
+    """A bad value, folder or prompt: its message is one line that says what to change.
+
+    param: the request field at fault ("prompt", "max_tokens", ...: the server's 400 names
+    it), or None.
+    """
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFull(RuntimeError):
@@ -54,6 +66,20 @@ class Pair:
     @property
     def models(self):
         return [m for m in (self.target, self.draft) if m is not None]
+
+    @cached_property
+    def longest_token(self):
+        """The most characters one token of the vocabulary spells (special tokens included)."""
+        return max(map(len, self.tokenizer.get_vocab()))
+
+    def max_prompt_chars(self, max_context=None):
+        """The most characters a prompt within the models' context can have (None: no limit).
+
+        A token spells at most `longest_token` characters, so a longer text cannot fit:
+        the server refuses it before tokenising it.
+        """
+        limits = [limit for m in self.models for limit in [context_limits(m, max_context)[0]] if limit is not None]
+        return min(limits) * self.longest_token if limits else None
 
 
 def require_models(*paths):
@@ -132,18 +158,24 @@ class Settings:
 
     def problem(self, name=str):
         """The first value out of range as one line, or None; name(field) spells a field (e.g. as a flag)."""
+        found = self.invalid(name)
+        return found and found[1]
+
+    def invalid(self, name=str):
+        """(field, one line) of the first value out of range, or None."""
         rules = [
-            (self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
-            (0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
-            (0.0 <= self.temperature < math.inf,
+            ("num_draft", self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
+            ("delta", 0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
+            ("temperature", 0.0 <= self.temperature < math.inf,
              f"{name('temperature')} must be finite and not negative, got {self.temperature}"),
-            (0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
-            (self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
-            (self.seed is None or 0 <= self.seed < 2**64, f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
-            (self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
+            ("top_p", 0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
+            ("top_k", self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
+            ("max_tokens", self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64,
+             f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
+            ("schedule", self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
         ]
-        return next((message for ok, message in rules if not ok), None)
+        return next(((field, message) for field, ok, message in rules if not ok), None)
 
     @property
     def sampling(self):
@@ -164,20 +196,66 @@ def settings(**values):
     return chosen
 
 
-def check_lengths(prompt_ids, max_tokens, models, name="--max-tokens"):
-    """A UsageError when a prompt plus max_tokens runs past a model's table of positions (GPT-2's)."""
-    # An empty prompt starts from one BOS token.
-    longest = max(max(len(ids), 1) for ids in prompt_ids) + max_tokens - 1
+def lowered(limit, max_context):
+    """A model's limit in tokens, lowered to max_context where that is given (None: no limit)."""
+    return max_context if limit is None else limit if max_context is None else min(limit, max_context)
+
+
+def context_limits(m, max_context=None):
+    """(prompt tokens, positions the output reaches, whether the prompt counts towards them) of model m.
+
+    Causal models (GPT-2's table, Llama's max_position_embeddings): the prompt and the
+    output share max_positions. T5: the encoder takes max_source_positions, the decoder
+    max_positions (both config.json's n_positions, 512 if absent). max_context lowers both.
+    """
+    shared = m.max_source_positions is None
+    prompt = m.max_positions if shared else m.max_source_positions
+    return lowered(prompt, max_context), lowered(m.max_positions, max_context), shared
+
+
+def check_lengths(prompt_ids, max_tokens, models, name="--max-tokens", max_context=None, prompt_param="prompt"):
+    """A UsageError when the longest prompt, or it plus max_tokens, runs past a model's context.
+
+    Its param is `prompt_param` when the prompt alone is too long, else "max_tokens".
+    """
+    longest = max(max(len(ids), 1) for ids in prompt_ids)  # an empty prompt starts from one BOS token
+    which = "the longest prompt" if len(prompt_ids) > 1 else "the prompt"
     for m in models:
-        if m.max_positions is not None and longest > m.max_positions:
-            raise UsageError(f"the longest prompt plus {name} needs {longest} positions; "
-                             f"the model has {m.max_positions}")
+        prompt_limit, limit, shared = context_limits(m, max_context)
+        source = "the model has" if max_context is None or limit < max_context else "the server allows"
+        if prompt_limit is not None and longest > prompt_limit:
+            raise UsageError(f"{which} has {longest} tokens; {source} {prompt_limit} positions", prompt_param)
+        needed = longest + max_tokens - 1 if shared else max_tokens
+        if limit is not None and needed > limit:
+            what = f"{which} plus {name}" if shared else name
+            raise UsageError(f"{what} needs {needed} positions; {source} {limit}", "max_tokens")
 
 
-def encode(pair, prompt, max_tokens, name="max_tokens"):
-    """The prompt's token ids; a UsageError if it plus max_tokens does not fit the models' positions."""
-    ids = pair.tokenizer(prompt).input_ids
-    check_lengths([ids], max_tokens, pair.models, name)
+def check_ids(ids, vocab_size, param="prompt"):
+    """A UsageError unless `ids` are token ids of a vocabulary of `vocab_size` (integers in [0, vocab_size))."""
+    bad = next((t for t in ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise UsageError(f"{param} holds {bad!r}, not a token id in [0, {vocab_size})", param)
+
+
+def encode_text(tokenizer, text, add_special_tokens=True, max_chars=None, param="prompt"):
+    """The token ids of `text`: a UsageError (param `param`) for text that is not valid Unicode
+    (a lone surrogate) or longer than max_chars characters, before any tokenising."""
+    if max_chars is not None and len(text) > max_chars:
+        raise UsageError(f"{param} has {len(text)} characters, more than a prompt within the context can spell "
+                         f"({max_chars})", param)
+    try:
+        check_text(text)
+    except ValueError as error:
+        raise UsageError(f"{param}: {error}", param) from None
+    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
+def encode(pair, prompt, max_tokens, name="max_tokens", add_special_tokens=True, max_context=None, param="prompt"):
+    """The prompt's token ids; a UsageError (param "prompt"/`param` or "max_tokens") if it is not valid
+    Unicode, or it plus max_tokens does not fit the models' context (max_context may lower it)."""
+    ids = encode_text(pair.tokenizer, prompt, add_special_tokens, pair.max_prompt_chars(max_context), param)
+    check_lengths([ids], max_tokens, pair.models, name, max_context, param)
     return ids
 
 
@@ -208,30 +286,56 @@ class Generation:
     """One request's output as its Step records arrive: whole characters, cut before a stop string.
 
     `add(step)` returns the new text; `finish_reason` becomes "stop" (EOS or a stop string)
-    or "length" (max_tokens) when the request is done.
+    or "length" (max_tokens) when the request is done. `tokens` are the tokens the text
+    handed on is made of: a stop string cuts them at the last token that gave text before
+    it (tokens decoded past it, whether one at a time or drafted in one step, are not the
+    client's), so a plain and a speculative run that hand on one text count the same.
+    stats: the request's decoder.Stats, whose `generated` is set to len(tokens) at a stop
+    string (drafted, accepted and target_calls still count all the work done).
     """
 
-    def __init__(self, tokenizer, eos_token_ids, stop=()):
+    def __init__(self, tokenizer, eos_token_ids, stop=(), stats=None):
+        self.tokenizer = tokenizer
         self.text = TextStream(tokenizer)
         self.stop = StopText(stop)
         self.eos_token_ids = eos_token_ids
+        self.stats = stats
         self.tokens = []
+        self.handed = 0  # characters handed on so far
         self.finish_reason = None
 
     def add(self, step):
+        if self.finish_reason:
+            return ""
         self.tokens += step.tokens
         piece = self.stop.feed(self.text.add(step.tokens))
+        if not self.stop.stopped and step.finished:
+            piece += self.stop.feed(self.text.finish(), final=True)
+        self.handed += len(piece)
         if self.stop.stopped:
             self.finish_reason = "stop"
+            self.cut()
         elif step.finished:
-            piece += self.stop.feed(self.text.finish(), final=True)
-            self.finish_reason = "stop" if self.stop.stopped or self.tokens[-1] in self.eos_token_ids else "length"
+            self.finish_reason = "stop" if self.tokens[-1] in self.eos_token_ids else "length"
         return piece
+
+    def cut(self):
+        """Drop the tokens past the last one that the text handed on needs."""
+        n = len(self.tokens)
+        while n > 0 and len(text_of(self.tokenizer, self.tokens[: n - 1]).rstrip(REPLACEMENT)) >= self.handed:
+            n -= 1
+        del self.tokens[n:]
+        if self.stats is not None:
+            self.stats.generated = n
 
 
 @dataclass
 class Completion:
-    """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats."""
+    """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats.
+
+    tokens: the ids the text is made of (cut at a stop string as Generation says);
+    stats.generated == len(tokens).
+    """
 
     text: str
     tokens: list
@@ -239,9 +343,21 @@ class Completion:
     stats: decoder.Stats
 
 
-def request(pair, prompt, chosen, stats=None):
-    """A decoder.Request for text `prompt` (or token ids) with Settings `chosen`."""
-    ids = encode(pair, prompt, chosen.max_tokens) if isinstance(prompt, str) else list(prompt)
+def request(pair, prompt, chosen, stats=None, max_context=None):
+    """A decoder.Request for text `prompt` (or token ids) with Settings `chosen`.
+
+    Everything that can be checked of one request is checked here, before it joins a
+    batch: its settings, its token ids, its length. Raises UsageError.
+    """
+    problem = chosen.problem()
+    if problem:
+        raise UsageError(problem)
+    if isinstance(prompt, str):
+        ids = encode(pair, prompt, chosen.max_tokens, max_context=max_context)
+    else:
+        ids = list(prompt)
+        check_ids(ids, pair.target.vocab_size)
+        check_lengths([ids], chosen.max_tokens, pair.models, "max_tokens", max_context)
     return decoder.Request(ids, chosen.max_tokens, chosen.sampling, chosen.delta, chosen.num_draft, chosen.seed,
                            stats if stats is not None else decoder.Stats())
 
@@ -255,7 +371,7 @@ def steps(pair, requests, policy, batch_size=1):
 def stream_generation(pair, prompt, chosen, stats=None):
     """Yield (new text, Generation) per step of one prompt until it is done."""
     one = request(pair, prompt, chosen, stats)
-    generation = Generation(pair.tokenizer, pair.target.eos_token_ids, chosen.stop)
+    generation = Generation(pair.tokenizer, pair.target.eos_token_ids, chosen.stop, one.stats)
     for step in steps(pair, [one], make_policy(chosen.schedule, chosen.num_draft)):
         yield generation.add(step), generation
         if generation.finish_reason:
@@ -284,12 +400,45 @@ def generate(pair, prompt, **values):
 
 @dataclass
 class Event:
-    """What the engine tells a request's listener after a step: new text, and when done the finish reason."""
+    """What the engine tells a request's listener after a step: new text (maybe none), and when done
+    the finish reason; step: the decoder.Step record it came from (None for an event of no step)."""
 
     text: str
     finish_reason: str = None
     stats: decoder.Stats = None
     error: str = None
+    step: decoder.Step = None
+
+
+class Guarded:
+    """A model as the engine's batch sees it: a prompt whose prefill fails fails its own request only.
+
+    When starting several prompts at once fails, each is started alone; those that fail
+    alone are reported to `failed(ids, error)` and replaced by a one-token stand-in (their
+    request is cancelled, so its row leaves before the next step). `started(prompts)` hears
+    of every prompt taken from the queue. Everything else is the model's own.
+    """
+
+    def __init__(self, model, failed, started=lambda prompts: None):
+        self.model, self.failed, self.started = model, failed, started
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def start(self, prompts):
+        self.started(prompts)
+        try:
+            return self.model.start(prompts)
+        except Exception:  # noqa: BLE001  (find the prompt at fault; a second failure fails the batch)
+            kept = []
+            for ids in prompts:
+                try:
+                    self.model.start([ids])
+                    kept.append(ids)
+                except Exception as error:  # noqa: BLE001
+                    self.failed(ids, error)
+                    kept.append([0])
+            return self.model.start(kept)
 
 
 class Engine:
@@ -297,14 +446,22 @@ class Engine:
 
     A request joins the running batch at the next step, keeps its own Settings, and leaves
     it when done, stopped or cancelled. Its listener is called on the engine's thread with
-    an Event after every step that gives it text, and once with its finish reason.
+    an Event after every step that gives it tokens (the text they complete, maybe none), the
+    last one with its finish reason (or its error: a fault inside one request ends that
+    request; one the batch shares ends the requests decoding in it, never those still
+    waiting, nor the engine).
+    max_context: a limit in tokens below the models' own (see context_limits), or None.
     """
 
-    def __init__(self, pair, max_batch=8, max_queue=64, num_draft=5, schedule="adaptive", log=None):
+    def __init__(self, pair, max_batch=8, max_queue=64, num_draft=5, schedule="adaptive", log=None,
+                 max_context=None):
         self.pair, self.max_batch, self.max_queue, self.num_draft = pair, max_batch, max_queue, num_draft
+        self.max_context = max_context
         self.policy = make_policy(schedule, num_draft)
         self.queue = decoder.RequestQueue()
-        self.open = {}  # request index -> (Generation, listener)
+        self.open = {}  # request index -> (Generation, listener, Stats)
+        self.indices = {}  # id() of a request's token list -> its index, to name a prompt that fails
+        self.decoding = set()  # indices taken from the queue into the batch
         self.lock = threading.RLock()  # close() may run in a signal handler while this thread holds it
         self.closed = False
         self.log = log or (lambda message: None)
@@ -312,51 +469,92 @@ class Engine:
         self.thread.start()
 
     def submit(self, ids, chosen, listener):
-        """Queue token ids `ids` with Settings `chosen`; return the request's index. Raises QueueFull."""
+        """Queue token ids `ids` with Settings `chosen`; return the request's index.
+
+        Raises UsageError for a request that cannot run (bad settings or ids, past the
+        context), QueueFull when the queue is full or the engine closed.
+        """
+        one = request(self.pair, ids, chosen, max_context=self.max_context)
         with self.lock:
             if self.closed or len(self.queue) >= self.max_queue:
                 raise QueueFull("the server is shutting down" if self.closed else
                                 f"{len(self.queue)} requests are waiting; try again later")
-            one = request(self.pair, ids, chosen)
             one.num_draft = min(chosen.num_draft, self.num_draft)
-            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_ids, chosen.stop)
+            generation = Generation(self.pair.tokenizer, self.pair.target.eos_token_ids, chosen.stop, one.stats)
             index = self.queue.put(one)
             self.open[index] = (generation, listener, one.stats)
+            self.indices[id(one.ids)] = index
             return index
 
     def cancel(self, index):
         """Drop request `index` (a client went away); nothing more is sent to its listener."""
+        self.end(index)
+
+    def end(self, index, event=None, leave=True):
+        """Take request `index` out of the engine (out of the batch too, with `leave`); tell its listener `event`."""
         with self.lock:
-            if self.open.pop(index, None) is not None:
-                self.queue.cancel(index)
+            entry = self.open.pop(index, None)
+            self.decoding.discard(index)
+            self.indices = {key: i for key, i in self.indices.items() if i != index}
+        if entry is None:
+            return
+        if leave:
+            self.queue.cancel(index)
+        if event is not None:
+            self.tell(entry[1], dataclasses.replace(event, stats=entry[2]))
+
+    def tell(self, listener, event):
+        """Call a listener; one that fails (its client's loop is gone) harms no other request."""
+        try:
+            listener(event)
+        except Exception as error:  # noqa: BLE001
+            self.log(f"a listener failed: {type(error).__name__}: {error}")
 
     def close(self):
-        """Admit nothing more; end every open request with finish reason "abort"."""
+        """Admit nothing more; end every open request with finish reason "abort". See join()."""
         with self.lock:
             self.closed = True
-            ending = list(self.open.items())
-            self.open.clear()
-        for index, (_, listener, stats) in ending:
-            self.queue.cancel(index)
-            listener(Event("", "abort", stats))
+            ending = list(self.open)
+        for index in ending:
+            self.end(index, Event("", "abort"))
+
+    def join(self, timeout=None):
+        """After close(): wait for the engine's thread to leave MLX (a process must not exit while it runs)."""
+        self.thread.join(timeout)
+
+    def failed_prompt(self, ids, error):
+        """A request whose own prefill failed (Guarded): end it with the error."""
+        index = self.indices.get(id(ids))
+        self.log(f"request {index} failed: {type(error).__name__}: {error}")
+        if index is not None:
+            self.end(index, Event("", None, error=f"decoding failed: {error}"))
+
+    def started(self, prompts):
+        with self.lock:
+            self.decoding.update(self.indices[id(ids)] for ids in prompts if id(ids) in self.indices)
+
+    def steps(self):
+        """The step loop's records over the queue, its models Guarded."""
+        target = Guarded(self.pair.target, self.failed_prompt, self.started)
+        drafter = (self.pair.drafter() if self.pair.draft is None
+                   else decoder.as_drafter(Guarded(self.pair.draft, self.failed_prompt)))
+        return decoder.speculative_steps(target, drafter, self.queue, None, self.policy, batch_size=self.max_batch)
 
     def run(self):
         while not self.closed:
             if not self.queue.wait(timeout=0.2):
                 continue
             try:
-                for step in steps(self.pair, self.queue, self.policy, self.max_batch):
+                for step in self.steps():
                     self.deliver(step)
                     if self.closed:
                         break
             except Exception as error:  # noqa: BLE001  (the engine must outlive one bad batch)
                 self.log(f"decoding failed: {type(error).__name__}: {error}")
                 with self.lock:
-                    failed = list(self.open.items())
-                    self.open.clear()
-                for index, (_, listener, stats) in failed:
-                    self.queue.cancel(index)
-                    listener(Event("", None, stats, f"decoding failed: {error}"))
+                    failed = list(self.decoding)
+                for index in failed:
+                    self.end(index, Event("", None, error=f"decoding failed: {error}"))
 
     def deliver(self, step):
         """Hand one Step record's text to its request; a request done by a stop string leaves the batch."""
@@ -367,9 +565,6 @@ class Engine:
         generation, listener, stats = entry
         piece = generation.add(step)
         if generation.finish_reason:
-            with self.lock:
-                self.open.pop(step.index, None)
-            if not step.finished:
-                self.queue.cancel(step.index)
-        if piece or generation.finish_reason:
-            listener(Event(piece, generation.finish_reason, stats))
+            self.end(step.index, Event(piece, generation.finish_reason, step=step), leave=not step.finished)
+        else:
+            self.tell(listener, Event(piece, None, stats, step=step))

@@ -34,8 +34,12 @@ import model
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
-TOKENIZER_FILES = (
-    "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+# Copied beside the weights when the checkpoint has them (and fetched from the hub): the
+# tokenizer's files, the chat template current transformers keeps in a file of its own,
+# and generation_config.json (the EOS ids a model lists besides config.json's).
+COPIED_FILES = (
+    "spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
 )
 MAX_SHARD_BYTES = 5 << 30
 # Written last into every output folder: the names of the files convert.py put there.
@@ -72,7 +76,7 @@ def fetch(name):
         weights = ["*.safetensors", "*.safetensors.index.json"]
         if not any(f.endswith(".safetensors") for f in files):
             weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-        return Path(snapshot_download(name, allow_patterns=["config.json", *TOKENIZER_FILES, *weights]))
+        return Path(snapshot_download(name, allow_patterns=["config.json", *COPIED_FILES, *weights]))
     except Exception as error:  # the hub raises many kinds; all mean the same to a user
         raise ConvertError(f"could not fetch '{name}' from the Hugging Face hub ({cli.first_line(error)}); "
                            f"to convert a local copy, give its folder: --model path/to/folder") from None
@@ -357,7 +361,7 @@ def convert(source, mlx_path=None, dtype="float32", max_shard_bytes=MAX_SHARD_BY
         if quantization:
             written["quantization"] = quantization
         (staging / "config.json").write_text(json.dumps(written, indent=2))
-        for name in TOKENIZER_FILES:
+        for name in COPIED_FILES:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
         mark(staging)

@@ -193,14 +193,22 @@ def summary(stats, seconds, speculative):
 
 
 def stream(steps, tokenizer, stats, speculative):
-    """Print each prompt's text as its tokens are decided (batch size 1: one prompt at a time), then its summary."""
-    text = TextStream(tokenizer)
-    for step in steps:
-        print(text.add(step.tokens), end="", flush=True)
-        if step.finished:
-            print(text.finish() + "\n" + summary([stats[step.index]], stats[step.index].seconds, speculative),
-                  flush=True)
-            text = TextStream(tokenizer)
+    """Print each prompt's text as its tokens are decided (batch size 1: one prompt at a time), then its summary.
+
+    Ctrl-C ends the text printed so far with its newline and its summary, then goes on as KeyboardInterrupt.
+    """
+    text, current = TextStream(tokenizer), None
+    try:
+        for step in steps:
+            current = step.index
+            print(text.add(step.tokens), end="", flush=True)
+            if step.finished:
+                print(text.finish() + "\n" + summary([stats[current]], stats[current].seconds, speculative), flush=True)
+                text, current = TextStream(tokenizer), None
+    except KeyboardInterrupt:
+        if current is not None:
+            print(text.finish() + "\n" + summary([stats[current]], stats[current].seconds, speculative), flush=True)
+        raise
 
 
 def print_json(steps, tokenizer, prompts, stats):
@@ -234,7 +242,7 @@ def run(args):
     own_draft = not (args.regular_decode or args.prompt_lookup)
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None,
                                            group if args.pipeline else None)
-    prompt_ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    prompt_ids = [api.encode_text(tokenizer, prompt) for prompt in prompts]
     check_lengths(prompt_ids, args.max_tokens, [m for m in (target, draft) if m is not None])
     if args.calibrate:
         calibrate(args, target, draft, prompt_ids, group)

@@ -3,10 +3,12 @@
     python server.py --model M [--draft-model D | --prompt-lookup] [--num-draft 5]
         [--host 127.0.0.1] [--port 8080] [--max-batch 8] [--max-queue 64]
 
-GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. One thread
-owns MLX (api.Engine): a request joins the running batch at the next step and keeps its
-own settings. Bad requests get OpenAI-style error JSON with status 400 (429 when the
-queue is full) and one line in the log.
+GET /health, GET /metrics (metrics.py), GET /v1/models[/{id}], POST /v1/completions,
+POST /v1/chat/completions. One thread owns MLX (api.Engine): a request joins the running
+batch at the next step and keeps its own settings. Bad requests, an OpenAI field this
+server does not honour among them, get OpenAI-style error JSON with status 400 and
+`param` naming the field (429 with Retry-After when the queue is full) and one line in
+the log; every answered request leaves one log line too.
 """
 
 import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
@@ -24,19 +26,31 @@ from typing import Optional, Union
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 import api
 import cli
+import metrics
 
 log = logging.getLogger("server")
 
 
+def refused_unless(*allowed, why):
+    """An OpenAI field this server does not honour: null and `allowed` pass, any other value is a 400 naming it."""
+    return Field(None, json_schema_extra={"allowed": list(allowed), "refused": why})
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: Optional[bool] = None
+
+
 class Body(BaseModel):
-    """Fields both endpoints take (OpenAI's, plus top_k, num_draft and delta); others are ignored."""
+    """Fields both endpoints take: OpenAI's (each honoured, or refused by refused_unless), plus top_k,
+    num_draft and delta. Names OpenAI does not have are ignored."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -49,13 +63,23 @@ class Body(BaseModel):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: Optional[bool] = False
-    n: Optional[int] = 1
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
     num_draft: Optional[int] = None
     delta: Optional[float] = None
+    n: Optional[int] = refused_unless(1, why="must be 1 (one completion per request)")
+    logit_bias: Optional[dict[str, float]] = refused_unless({}, why="is not supported yet ({} or null only)")
+    presence_penalty: Optional[float] = refused_unless(0, why="is not supported yet (0 or null only)")
+    frequency_penalty: Optional[float] = refused_unless(0, why="is not supported yet (0 or null only)")
+    response_format: Optional[dict] = refused_unless({"type": "text"}, why='must be {"type": "text"}: no JSON mode')
 
 
 class CompletionBody(Body):
     prompt: Union[str, list[str]]
+    echo: Optional[bool] = False
+    best_of: Optional[int] = refused_unless(1, why="must be 1 (one completion per request)")
+    logprobs: Optional[int] = refused_unless(0, why="is not supported yet (0 or null only)")
+    suffix: Optional[str] = refused_unless("", why="is not supported (no insertion)")
 
 
 class TextPart(BaseModel):
@@ -76,76 +100,139 @@ class Message(BaseModel):
 
 class ChatBody(Body):
     messages: list[Message]
+    logprobs: Optional[bool] = refused_unless(False, why="is not supported yet (false or null only)")
+    top_logprobs: Optional[int] = refused_unless(0, why="is not supported yet (0 or null only)")
+    tools: Optional[list] = refused_unless([], why="is not supported (no tool calls)")
+    tool_choice: Union[str, dict, None] = refused_unless("none", why='is not supported (no tool calls): "none" only')
+    functions: Optional[list] = refused_unless([], why="is not supported (no function calls)")
+    function_call: Union[str, dict, None] = refused_unless("none", why='is not supported (no function calls): '
+                                                                       '"none" only')
+    modalities: Optional[list[str]] = refused_unless(["text"], why='must be ["text"]')
+    audio: Optional[dict] = refused_unless(why="is not supported (text only)")
+    prediction: Optional[dict] = refused_unless(why="is not supported")
 
 
 class BadRequest(Exception):
-    """A request the server refuses: status and one-line message."""
+    """A request the server refuses: status, one-line message, the field at fault, extra headers."""
 
-    def __init__(self, message, status=400, kind="invalid_request_error", param=None):
+    def __init__(self, message, status=400, kind="invalid_request_error", param=None, headers=None):
         super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
+        self.status, self.kind, self.param, self.headers = status, kind, param, headers
 
 
-def error_response(status, message, kind="invalid_request_error", param=None):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+def error_response(status, message, kind="invalid_request_error", param=None, headers=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
+                        headers=headers)
 
 
-def chosen_settings(body, defaults):
-    """api.Settings of a request: its fields over the server's defaults; BadRequest when out of range."""
+def refuse_unsupported(body):
+    """BadRequest naming the first field declared with refused_unless whose value is not one it allows."""
+    for name, info in type(body).model_fields.items():
+        rule = info.json_schema_extra or {}
+        value = getattr(body, name)
+        if "refused" in rule and value is not None and value not in rule["allowed"]:
+            shown = json.dumps(value)
+            raise BadRequest(f"{name} {rule['refused']}, got {shown if len(shown) <= 60 else shown[:57] + '...'}",
+                             param=name)
+
+
+def chosen_settings(body, defaults, most_drafts):
+    """api.Settings of a request: its fields over the server's defaults; BadRequest naming a field this
+    server does not honour or a value out of range (num_draft above the server's `most_drafts` too)."""
+    refuse_unsupported(body)
+    if body.stream_options is not None and not body.stream:
+        raise BadRequest("stream_options is only allowed with stream: true", param="stream_options")
+    if body.num_draft is not None and body.num_draft > most_drafts:
+        raise BadRequest(f"num_draft must be at most {most_drafts} (the server's --num-draft), got {body.num_draft}",
+                         param="num_draft")
     values = {name: getattr(body, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "delta",
                                                      "num_draft")}
-    if values["max_tokens"] is None:
-        values["max_tokens"] = body.max_completion_tokens
-    if body.n not in (None, 1):
-        raise BadRequest(f"n must be 1, got {body.n}", param="n")
+    length = "max_tokens"
+    if values["max_tokens"] is None and body.max_completion_tokens is not None:
+        values["max_tokens"], length = body.max_completion_tokens, "max_completion_tokens"
     chosen = api.Settings(**{**defaults, **{k: v for k, v in values.items() if v is not None}})
     chosen.stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    problem = chosen.problem()
+    problem = chosen.invalid(lambda name: length if name == "max_tokens" else name)
     if problem:
-        raise BadRequest(problem)
-    return chosen
+        field, message = problem
+        raise BadRequest(message, param=length if field == "max_tokens" else field)
+    return chosen, length
 
 
 def chat_prompt(tokenizer, messages):
-    """The prompt text of a chat: the tokenizer's chat template with the generation prompt, or the contents joined."""
+    """The prompt text of a chat: the tokenizer's chat template with the generation prompt; without a
+    template (T5, GPT-2, base models) the contents joined by newlines, special tokens added as for a prompt."""
     if getattr(tokenizer, "chat_template", None):
         conversation = [{"role": m.role, "content": m.text} for m in messages]
         return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), False
     return "\n".join(m.text for m in messages), True
 
 
+# Endpoints whose requests the metrics count (by path); Retry-After on a 429, in seconds.
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+RETRY_AFTER_SECONDS = 1
+# The finish reason api.Engine.close gives the requests it ends: not OpenAI's, so not the client's.
+SHUT_DOWN = "abort"
+
+
 def build_app(engine, defaults=None):
-    """The FastAPI application serving `engine` (an api.Engine)."""
+    """The FastAPI application serving `engine` (an api.Engine), with its own metrics."""
     pair, defaults = engine.pair, dict(defaults or {})
     app = FastAPI(title="speculative decoding server")
     app.state.engine = engine
+    app.state.metrics = counted = metrics.Metrics(engine)
+    if not getattr(pair.tokenizer, "chat_template", None):
+        log.info(f"{pair.name} has no chat template: a chat's prompt is its messages' contents joined by newlines")
+
+    def refused(request, status, message, kind="invalid_request_error", param=None, headers=None):
+        log.warning("%d %s %s: %s", status, request.method, request.url.path, message)
+        if request.url.path in ENDPOINTS:
+            counted.refused(request.url.path, status)
+        return error_response(status, message, kind, param, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, error):
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        message = ("malformed JSON in the request body" if first.get("type") == "json_invalid"
-                   else f"{where or 'body'}: {first.get('msg')}")
-        log.warning("400 %s %s: %s", request.method, request.url.path, message)
-        return error_response(400, message, param=where or None)
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", first.get("msg"))
+            at = f" at character {where[0]}" if where else ""
+            return refused(request, 400, f"malformed JSON in the request body: {detail}{at}")
+        return refused(request, 400, f"{'.'.join(where) or 'body'}: {first.get('msg')}",
+                       param=where[0] if where else None)
 
     @app.exception_handler(BadRequest)
-    async def refused(request, error):
-        log.warning("%d %s %s: %s", error.status, request.method, request.url.path, error)
-        return error_response(error.status, str(error), error.kind, error.param)
+    async def bad_request(request, error):
+        return refused(request, error.status, str(error), error.kind, error.param, error.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, error):
-        log.warning("%d %s %s: %s", error.status_code, request.method, request.url.path, error.detail)
-        return error_response(error.status_code, str(error.detail), "invalid_request_error")
+        return refused(request, error.status_code, str(error.detail))
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        if engine.thread.is_alive() and not engine.closed:
+            return {"status": "ok"}
+        return JSONResponse({"status": "the decoding engine has stopped"}, 503)
+
+    @app.get("/metrics")
+    async def metrics_text():
+        body, content_type = counted.exposition()
+        return Response(body, media_type=content_type)
+
+    def model_card():
+        return {"id": pair.name, "object": "model", "created": 0, "owned_by": "local"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": pair.name, "object": "model", "created": 0, "owned_by": "local"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str):
+        if model_id != pair.name:
+            return error_response(404, f"the model {model_id!r} does not exist; this server has {pair.name!r}",
+                                  param="model")
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -158,29 +245,46 @@ def build_app(engine, defaults=None):
     async def chat(body: ChatBody, request: Request):
         if not body.messages:
             raise BadRequest("messages must not be empty", param="messages")
+        kinds = {p.type for m in body.messages if isinstance(m.content, list) for p in m.content} - {"text"}
+        if kinds:
+            raise BadRequest(f"messages: only text content is supported, got {sorted(kinds)[0]!r}", param="messages")
         text, special = chat_prompt(pair.tokenizer, body.messages)
         return await serve(request, body, text, special, chat=True)
 
     async def serve(request, body, prompt, special_tokens, chat):
         if body.model is not None and body.model != pair.name:
-            raise BadRequest(f"unknown model {body.model!r}; this server has {pair.name!r}", status=400,
-                             param="model")
-        chosen = chosen_settings(body, defaults)
+            raise BadRequest(f"unknown model {body.model!r}; this server has {pair.name!r}", param="model")
+        chosen, length = chosen_settings(body, defaults, engine.num_draft)
         try:
-            ids = pair.tokenizer(prompt, add_special_tokens=special_tokens).input_ids
-            api.check_lengths([ids], chosen.max_tokens, pair.models)
+            ids = api.encode(pair, prompt, chosen.max_tokens, length, add_special_tokens=special_tokens,
+                             max_context=engine.max_context, param="messages" if chat else "prompt")
         except api.UsageError as error:
-            raise BadRequest(str(error), param="max_tokens") from None
+            raise BadRequest(str(error), param=length if error.param == "max_tokens" else error.param) from None
+        if engine.closed:
+            raise BadRequest("the server is shutting down", 503, "server_error")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        tracker = metrics.Tracker(counted, request.url.path, len(ids))
+
+        def listener(event):  # on the engine's thread
+            tracker.saw(event)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
         try:
-            index = engine.submit(ids, chosen, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            index = engine.submit(ids, chosen, listener)
+        except api.UsageError as error:
+            raise BadRequest(str(error), param=error.param) from None
         except api.QueueFull as error:
-            raise BadRequest(str(error), status=429, kind="rate_limit_error") from None
+            if engine.closed:
+                raise BadRequest("the server is shutting down", 503, "server_error") from None
+            raise BadRequest(str(error), 429, "rate_limit_error",
+                             headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         shape = Shape(chat, pair.name, len(ids))
+        echoed = prompt if getattr(body, "echo", False) else ""
         if body.stream:
-            return EventSourceResponse(stream_events(engine, index, events, shape), ping=15)
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(stream_events(engine, index, events, shape, tracker, usage, echoed), ping=15)
         try:
-            text, checked = "", time.monotonic()
+            text, checked = echoed, time.monotonic()
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
@@ -194,11 +298,17 @@ def build_app(engine, defaults=None):
                     continue
                 text += event.text
                 if event.error:
+                    tracker.done(500)
                     return error_response(500, event.error, "server_error")
+                if event.finish_reason == SHUT_DOWN:
+                    tracker.done(metrics.SHUTTING_DOWN)
+                    return error_response(503, "the server shut down before the request finished", "server_error")
                 if event.finish_reason:
+                    tracker.done(200, event.finish_reason)
                     return shape.whole(text, event)
         finally:
             engine.cancel(index)
+            tracker.done(metrics.CLIENT_GONE)
 
     return app
 
@@ -215,16 +325,17 @@ class Shape:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
-    def envelope(self, kind, choice):
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+    def envelope(self, kind, choices):
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def extras(self, stats):
-        return {
-            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": stats.generated,
-                      "total_tokens": self.prompt_tokens + stats.generated},
-            "speculative": {"drafted": stats.drafted, "accepted": stats.accepted,
-                            "acceptance_rate": stats.acceptance_rate, "target_calls": stats.target_calls},
-        }
+    def usage(self, stats):
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": stats.generated,
+                "total_tokens": self.prompt_tokens + stats.generated}
+
+    @staticmethod
+    def speculative(stats):
+        return {"drafted": stats.drafted, "accepted": stats.accepted, "acceptance_rate": stats.acceptance_rate,
+                "target_calls": stats.target_calls}
 
     def whole(self, text, event):
         if self.chat:
@@ -233,7 +344,8 @@ class Shape:
         else:
             choice = {"index": 0, "text": text, "finish_reason": event.finish_reason, "logprobs": None}
         kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.envelope(kind, choice), **self.extras(event.stats)}
+        return {**self.envelope(kind, [choice]), "usage": self.usage(event.stats),
+                "speculative": self.speculative(event.stats)}
 
     def chunk(self, text, finish_reason=None, first=False):
         if self.chat:
@@ -241,30 +353,53 @@ class Shape:
             if finish_reason:
                 delta = {}
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            return self.envelope("chat.completion.chunk", choice)
-        return self.envelope("text_completion", {"index": 0, "text": text, "finish_reason": finish_reason,
-                                                 "logprobs": None})
+            return self.envelope("chat.completion.chunk", [choice])
+        return self.envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish_reason,
+                                                  "logprobs": None}])
+
+    def usage_chunk(self, stats):
+        """stream_options.include_usage: the last chunk, with no choices and the usage."""
+        return {**self.envelope("chat.completion.chunk" if self.chat else "text_completion", []),
+                "usage": self.usage(stats)}
 
 
-async def stream_events(engine, index, events, shape):
-    """Server-sent events of one request: its text in whole characters, a last chunk with the finish reason
-    and usage, then [DONE]. A client that goes away cancels its request."""
+def sse(data):
+    return {"data": data if isinstance(data, str) else json.dumps(data)}
+
+
+async def stream_events(engine, index, events, shape, tracker, include_usage=False, echoed=""):
+    """Server-sent events of one request: the echoed prompt if asked, its text in whole characters, a chunk
+    with the finish reason (and the `speculative` object), with include_usage a last chunk with no choices
+    and the usage (every other chunk has usage null, as OpenAI's), then [DONE]. A server error or a shutdown
+    under way ends it with an error event, then [DONE]. A client that goes away cancels its request."""
+    usage = {"usage": None} if include_usage else {}
     try:
         first = True
+        if echoed:
+            yield sse({**shape.chunk(echoed, first=True), **usage})
+            first = False
         while True:
             event = await events.get()
-            if event.error:
-                yield {"data": json.dumps({"error": {"message": event.error, "type": "server_error"}})}
+            if event.error or event.finish_reason == SHUT_DOWN:
+                status = 500 if event.error else metrics.SHUTTING_DOWN
+                message = event.error or "the server shut down before the request finished"
+                yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+                tracker.done(status)
                 break
             if event.text or (first and shape.chat):
-                yield {"data": json.dumps(shape.chunk(event.text, first=first))}
+                yield sse({**shape.chunk(event.text, first=first), **usage})
                 first = False
             if event.finish_reason:
-                yield {"data": json.dumps({**shape.chunk("", event.finish_reason), **shape.extras(event.stats)})}
+                yield sse({**shape.chunk("", event.finish_reason), **usage,
+                           "speculative": shape.speculative(event.stats)})
+                if include_usage:
+                    yield sse(shape.usage_chunk(event.stats))
+                tracker.done(200, event.finish_reason)
                 break
-        yield {"data": "[DONE]"}
+        yield sse("[DONE]")
     finally:
         engine.cancel(index)
+        tracker.done(metrics.CLIENT_GONE)
 
 
 class Server(uvicorn.Server):
@@ -293,6 +428,9 @@ def build_parser():
     parser.add_argument("--port", type=int, default=8080, help="TCP port")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place at most (then 429)")
+    parser.add_argument("--max-context", type=int, metavar="TOKENS",
+                        help="prompt plus output tokens per request at most, below the model's own limit "
+                             "(a T5 prompt and its output each; default: the model's)")
     return parser
 
 
@@ -304,6 +442,7 @@ def check(args):
         (0 <= args.port < 65536, f"--port must lie in [0, 65536), got {args.port}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, got {args.max_batch}"),
         (args.max_queue >= 1, f"--max-queue must be at least 1, got {args.max_queue}"),
+        (args.max_context is None or args.max_context >= 1, f"--max-context must be at least 1, got {args.max_context}"),
     ]
     for ok, message in rules:
         if not ok:
@@ -329,7 +468,7 @@ def main(argv=None):
     except api.UsageError as error:
         cli.fail(error)
     engine = api.Engine(pair, args.max_batch, args.max_queue, args.num_draft, args.draft_schedule,
-                        log=log.error)
+                        log=log.error, max_context=args.max_context)
     app = build_app(engine, {"num_draft": args.num_draft, "schedule": args.draft_schedule})
     # uvicorn restores the handlers it found and raises the signal again once it has shut
     # down: with these, that second delivery does nothing and the process exits 0.
@@ -339,6 +478,7 @@ def main(argv=None):
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                           timeout_graceful_shutdown=5)).run()
     engine.close()
+    engine.join()  # a process that exits while the engine's thread is inside MLX aborts (exit -6)
     log.info("stopped")
     sys.exit(0)
 

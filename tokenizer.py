@@ -34,6 +34,16 @@ class Encoding(dict):
         return self["input_ids"]
 
 
+def check_text(text):
+    """A ValueError naming the first lone surrogate in `text` (JSON's "\\ud800" escape, or a byte that
+    was not UTF-8 in a command line's arguments): such a string is not Unicode text and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode: a lone surrogate (U+{ord(text[error.start]):04X}) "
+                         f"at character {error.start}") from None
+
+
 def token_text(value):
     """A special token as tokenizer_config.json gives it: a string, or {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
@@ -94,6 +104,7 @@ class FastTokenizer(Tokenizer):
         super().__init__(folder, config)
 
     def encode(self, text, add_special_tokens=True):
+        check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def text(self, ids, skip_special_tokens):
@@ -112,9 +123,18 @@ def read_config(folder):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def chat_template(folder, config):
+    """The folder's chat template (Jinja text): tokenizer_config.json's `chat_template`, else the
+    chat_template.jinja file current transformers saves it in; None when it has neither."""
+    path = Path(folder) / "chat_template.jinja"
+    if config.get("chat_template"):
+        return config["chat_template"]
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def needs_transformers(folder, config):
     """Why the folder's tokenizer must come from transformers, or None when its files say it all."""
-    if "chat_template" in config or any(Path(folder).glob("chat_template.*")):
+    if chat_template(folder, config) is not None or any(Path(folder).glob("chat_template.*")):
         return "a chat template"
     if config.get("tokenizer_class") not in PLAIN_CLASSES:
         return f"tokenizer class {config['tokenizer_class']}"
@@ -131,7 +151,10 @@ def load(folder):
     folder = Path(folder)
     config = read_config(folder)
     if needs_transformers(folder, config):
-        return reference_tokenizer(folder)
+        loaded = reference_tokenizer(folder)
+        if not getattr(loaded, "chat_template", None):  # a transformers too old to read chat_template.jinja
+            loaded.chat_template = chat_template(folder, config)
+        return loaded
     if (folder / "tokenizer.json").is_file():
         try:
             return FastTokenizer(folder, config)

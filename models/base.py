@@ -102,7 +102,12 @@ class CausalModel(TokenIds):
     and one that is not the last returns its activations instead of logits.
     """
 
-    max_positions = None  # no limit unless the family has a table of positions
+    # Positions the prompt and the output share (None: no limit); a family with a table sets it.
+    max_positions = None
+    max_source_positions = None  # no separate limit on the prompt: it counts towards max_positions
+    # Prompt tokens prefilled per pass: the attention scores of one chunk, (batch, heads, chunk, prompt),
+    # bound the prefill's memory, as mlx-lm's prefill step does.
+    prefill_chunk = 512
 
     def stack(self):
         """[(name, count)]: the layer lists a pass runs, in order (a pipeline splits them)."""
@@ -127,20 +132,29 @@ class CausalModel(TokenIds):
     def start_part(self, prompts, x=None):
         """start() for this part: (cache, first input tokens, activations for the next part or None).
 
-        x: the previous part's activations of the prefill (None for the first part, or
-        when no prompt has more than one token).
+        x: the previous part's activations of the prefill (batch, width, d) (None for the
+        first part, or when no prompt has more than one token). The prefill runs
+        `prefill_chunk` columns at a time, the cache evaluated after each, so peak memory
+        is bounded by one chunk whatever the prompt's length.
         """
         prompts = [list(ids) or self.bos_prompt() for ids in prompts]
         cache = self.new_cache(len(prompts))
         prefixes = [ids[:-1] for ids in prompts]
         width = max(len(ids) for ids in prefixes)
-        out = None
-        if width:
-            tokens = mx.array([[0] * (width - len(ids)) + ids for ids in prefixes]) if self.part.first else x
-            out = self.decode(tokens, cache, np.array([width - len(ids) for ids in prefixes]))
-            # Only the keys/values matter to the last part: evaluating them drops the prefill's graph.
-            mx.eval([k for k in cache.keys if k is not None], [v for v in cache.values if v is not None])
-        return cache, [ids[-1] for ids in prompts], None if self.part.last else out
+        padding = np.array([width - len(ids) for ids in prefixes])
+        if self.part.first:
+            x = mx.array([[0] * (width - len(ids)) + ids for ids in prefixes]) if width else None
+        cache.grow(width)  # one allocation for the whole prompt, not one copy per chunk
+        outs = []
+        for lo in range(0, width, self.prefill_chunk):
+            hi = min(lo + self.prefill_chunk, width)
+            # Filler leads each row, so within a chunk it leads too: this chunk's share of it.
+            out = self.decode(x[:, lo:hi], cache, np.clip(padding - lo, 0, hi - lo))
+            if not self.part.last:
+                outs.append(out)
+            # Only the keys/values matter to the last part: evaluating them drops the chunk's graph.
+            mx.eval([k for k in cache.keys if k is not None], [v for v in cache.values if v is not None], outs)
+        return cache, [ids[-1] for ids in prompts], mx.concatenate(outs, axis=1) if outs else None
 
     def bos_prompt(self):
         if self.args.bos_token_id is None:

@@ -53,6 +53,11 @@ class Cache:
                 self.keys[i] = resized(keys, 0)
                 self.values[i] = resized(self.values[i], 0)
 
+    def grow(self, slots):
+        """Make room for `slots` more slots in use at once, so claiming them later copies nothing."""
+        if self.offset + slots > self.positions.shape[1]:
+            self._resize(self.capacity(self.offset + slots))
+
     def reserve(self, count, padding=None):
         """Claim `count` slots for new tokens; return (query, key) positions, each (batch, n).
 
@@ -60,8 +65,7 @@ class Cache:
         their slots are hidden and they do not count towards the row's length.
         """
         padding = np.zeros(self.batch, dtype=np.int64) if padding is None else np.asarray(padding)
-        if self.offset + count > self.positions.shape[1]:
-            self._resize(self.capacity(self.offset + count))
+        self.grow(count)
         steps = np.arange(count)
         # Filler sits at HIDDEN_POSITION as key and as query: real queries never see it,
         # and it sees at least itself. A filler query that saw nothing (a row's first

@@ -28,6 +28,7 @@ class ModelArgs(BaseModelArgs):
     num_attention_heads: int
     num_key_value_heads: int = None
     head_dim: int = None
+    max_position_embeddings: int = 2048  # transformers' LlamaConfig default, for a config.json without it
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict = None
@@ -159,6 +160,11 @@ class Model(nn.Module, CausalModel):
             if not args.tie_word_embeddings:
                 self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self._inv_freq = inverse_frequencies(args)
+
+    @property
+    def max_positions(self):
+        """The context the model was trained for: prompt plus output, in tokens."""
+        return self.args.max_position_embeddings
 
     def rope(self, positions, dtype):
         """(cos, sin), each (batch, 1, n, head_dim), of the tokens at `positions` (batch, n)."""

@@ -36,6 +36,11 @@ class ModelArgs(BaseModelArgs):
     scale_decoder_outputs: bool = True
     decoder_start_token_id: int = 0
     eos_token_id: int = 1
+    # T5's positions are relative (no table to run off), but it was trained on 512-token inputs
+    # and the encoder's attention grows with the square of the input: Hugging Face's T5 configs
+    # carry n_positions 512, and this project takes it as the limit of the encoder's input and,
+    # likewise, of the decoder's output.
+    n_positions: int = 512
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -278,7 +283,15 @@ class Model(nn.Module, TokenIds):
         if part.last and not args.tie_word_embeddings:
             self.lm_head = Linear(args.d_model, args.vocab_size, bias=False)
 
-    max_positions = None  # relative positions: no table to run off
+    @property
+    def max_source_positions(self):
+        """The longest prompt (encoder input) taken, in tokens: config.json's n_positions (512 if absent)."""
+        return self.args.n_positions
+
+    @property
+    def max_positions(self):
+        """The most tokens generated for one prompt (decoder positions): n_positions, as for the input."""
+        return self.args.n_positions
 
     @property
     def decoder_start_token_id(self):

@@ -202,6 +202,19 @@ def test_reader_that_stops_early_gets_no_traceback(models, prompt_file):
     assert process.wait(timeout=300) in (0, 1) and "Traceback" not in stderr, stderr
 
 
+def test_ctrl_c_while_streaming_ends_the_line_and_prints_the_stats_so_far(models, prompt_file):
+    args = [sys.executable, str(ROOT / "main.py"), *map(str, models), "--prompt-file", str(prompt_file),
+            "--max-tokens", "400", "--regular-decode"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed = process.stdout.read(1)  # decoding has begun
+    process.send_signal(signal.SIGINT)
+    printed += process.stdout.read()
+    result = subprocess.CompletedProcess(args, process.wait(timeout=60), printed, process.stderr.read())
+    assert one_error_line(result) == "error: interrupted"
+    last = printed.splitlines()[-1]
+    assert printed.endswith("]\n") and last.startswith("[") and " tokens, " in last and "target calls" in last
+
+
 def test_ctrl_c_while_decoding_is_one_line(models, prompt_file):
     args = [sys.executable, str(ROOT / "main.py"), *map(str, models), "--prompt-file", str(prompt_file), "--json",
             "--max-tokens", "400", "--regular-decode"]

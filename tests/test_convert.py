@@ -374,4 +374,27 @@ def test_hub_ids_download_only_the_needed_weights(v1, tmp_path, monkeypatch, fil
     out = convert.convert("google/flan-t5-tiny")
     assert asked["repo_id"] == "google/flan-t5-tiny"
     assert expected in asked["patterns"] and "config.json" in asked["patterns"]
+    assert {"generation_config.json", "chat_template.jinja", "tokenizer.json"} <= set(asked["patterns"])
     assert out == convert.Path("mlx_models/flan-t5-tiny") and (tmp_path / out / "model.safetensors").is_file()
+
+
+def test_generation_config_and_chat_template_file_are_carried(v1, tmp_path):
+    """generation_config.json (EOS ids besides config.json's) and chat_template.jinja (where current
+    transformers saves a template) reach the converted folder; its tokenizer answers the template, and
+    the server's chat prompt is the template's rendering."""
+    import server
+    import tokenizer
+
+    config, weights = v1
+    source = synthetic.save_checkpoint(tmp_path / "hf", config, weights)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    (source / "chat_template.jinja").write_text(template)
+    generation = {"eos_token_id": [1, 7], "max_length": 64}
+    (source / "generation_config.json").write_text(json.dumps(generation))
+    out = convert.convert(str(source), str(tmp_path / "mlx"))
+    assert (out / "chat_template.jinja").read_text() == template
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+    loaded = tokenizer.load(out)
+    assert loaded.chat_template == template
+    messages = [server.Message(role="user", content="hi"), server.Message(role="user", content="there")]
+    assert server.chat_prompt(loaded, messages) == ("[user] hi\n[user] there\n[assistant]", False)

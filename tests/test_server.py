@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx  # the HTTP client the openai package itself uses
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import ROOT, one_error_line, run_script
 
 import api
@@ -177,17 +179,21 @@ def test_seeded_sampling_reproduces(served, loaded):
     assert len(set(runs)) > 1  # three seeds all giving one text would mean the seed is ignored
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b"{not json", "malformed JSON"),
-    (dict(prompt="x", max_tokens="ten"), "max_tokens"),
-    (dict(prompt="x", temperature=-1), "temperature"),
-    (dict(prompt="x", top_p=0), "top_p"),
-    (dict(prompt="x", n=2), "n must be 1"),
-    (dict(prompt="x", max_tokens=600), "positions"),
-    (dict(prompt="x", model="no-such-model"), "unknown model"),
-    (dict(max_tokens=3), "prompt"),
+@pytest.mark.parametrize("body, needle, param", [
+    (b"{not json", "malformed JSON", None),
+    (dict(prompt="x", max_tokens="ten"), "max_tokens", "max_tokens"),
+    (dict(prompt="x", temperature=-1), "temperature", "temperature"),
+    (dict(prompt="x", top_p=0), "top_p", "top_p"),
+    (dict(prompt="x", seed=2**64), "seed", "seed"),
+    (dict(prompt="x", max_completion_tokens=0), "max_completion_tokens", "max_completion_tokens"),
+    (dict(prompt="x", n=2), "n must be 1", "n"),
+    (dict(prompt="x", max_tokens=600), "positions", "max_tokens"),
+    (dict(prompt="x", num_draft=4), "at most 3", "num_draft"),
+    (dict(prompt="x", model="no-such-model"), "unknown model", "model"),
+    (dict(prompt="x", stream_options={"include_usage": True}), "stream: true", "stream_options"),
+    (dict(max_tokens=3), "prompt", "prompt"),
 ])
-def test_bad_requests_get_400_and_the_server_goes_on(served, loaded, body, needle):
+def test_bad_requests_get_400_naming_the_field_and_the_server_goes_on(served, loaded, body, needle, param):
     process, url, client = served
     if isinstance(body, dict):
         body = json.dumps({"model": loaded.name, **body}).encode()
@@ -195,8 +201,97 @@ def test_bad_requests_get_400_and_the_server_goes_on(served, loaded, body, needl
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param
     assert complete(client, loaded.name, "Sort", max_tokens=2).choices[0].text is not None
     assert process.poll() is None
+
+
+# OpenAI fields this server does not honour: (endpoint, field, a value refused, a value accepted).
+REFUSED = [
+    ("completions", "best_of", 2, 1),
+    ("completions", "logprobs", 1, 0),
+    ("completions", "suffix", "end", ""),
+    ("completions", "logit_bias", {"50": 10}, {}),
+    ("completions", "presence_penalty", 0.5, 0),
+    ("completions", "frequency_penalty", -1.0, 0.0),
+    ("completions", "n", 3, 1),
+    ("chat/completions", "logprobs", True, False),
+    ("chat/completions", "top_logprobs", 2, 0),
+    ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
+    ("chat/completions", "tool_choice", "auto", "none"),
+    ("chat/completions", "functions", [{"name": "f"}], []),
+    ("chat/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
+    ("chat/completions", "audio", {"voice": "alloy"}, None),
+]
+
+
+def request_body(loaded, endpoint, **fields):
+    base = {"prompt": "Sort"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Sort"}]}
+    return {"model": loaded.name, "max_tokens": 2, **base, **fields}
+
+
+@pytest.mark.parametrize("endpoint, field, refused, accepted", REFUSED)
+def test_fields_it_does_not_honour_are_400s_naming_them(served, loaded, endpoint, field, refused, accepted):
+    _, url, _ = served
+    reply = httpx.post(f"{url}/v1/{endpoint}", json=request_body(loaded, endpoint, **{field: refused}))
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == field and field in reply.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/{endpoint}", json=request_body(loaded, endpoint, **{field: accepted})).status_code == 200
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+
+
+@given(data=st.data())
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_value_of_any_field_is_answered_and_a_400_names_it(served, loaded, data):
+    """Each field of the request schema (server.CompletionBody, server.ChatBody) drawn with any JSON value."""
+    process, url, _ = served
+    endpoint = data.draw(st.sampled_from(["completions", "chat/completions"]))
+    schema = server.CompletionBody if endpoint == "completions" else server.ChatBody
+    field = data.draw(st.sampled_from(sorted(schema.model_fields)))
+    value = data.draw(JSON_VALUES)
+    if field in ("max_tokens", "max_completion_tokens") and isinstance(value, int) and 2 < value < 600:
+        value = -value  # a run of hundreds of tokens would only slow the test down
+    reply = httpx.post(f"{url}/v1/{endpoint}", json=request_body(loaded, endpoint, **{field: value}), timeout=60)
+    assert reply.status_code in (200, 400), reply.text
+    if reply.status_code == 400:
+        assert reply.json()["error"]["param"] == field, reply.text
+    assert process.poll() is None
+
+
+def test_include_usage_gives_a_last_chunk_of_usage_alone(served, loaded):
+    _, _, client = served
+    whole = complete(client, loaded.name, PROMPTS[0], max_tokens=9, temperature=0)
+    chunks = list(complete(client, loaded.name, PROMPTS[0], max_tokens=9, temperature=0, stream=True,
+                           stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-2].choices[0].finish_reason
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    plain = list(complete(client, loaded.name, PROMPTS[0], max_tokens=9, temperature=0, stream=True))
+    assert all(c.usage is None for c in plain)
+    chat = list(client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "Sort"}],
+                                               max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chat[-1].choices == [] and chat[-1].usage.completion_tokens <= 4
+
+
+def test_one_model_by_id(served, loaded):
+    _, _, client = served
+    assert client.models.retrieve(loaded.name).id == loaded.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_echo_puts_the_prompt_before_the_completion(served, loaded, reference):
+    _, _, client = served
+    prompt = PROMPTS[1]
+    want = prompt + expected_text(loaded, reference, prompt, 8)
+    assert complete(client, loaded.name, prompt, max_tokens=8, temperature=0, echo=True).choices[0].text == want
+    streamed = complete(client, loaded.name, prompt, max_tokens=8, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
 
 
 def test_a_client_leaving_mid_stream_harms_no_one(served, loaded, reference):
@@ -226,7 +321,9 @@ def test_sigterm_ends_open_streams_and_exits_0(folders, loaded):
         next(line for line in lines if line.startswith("data:"))
         process.send_signal(signal.SIGTERM)
         rest = [line for line in lines if line.startswith("data:")]
-    assert rest[-1] == "data: [DONE]"
+    # Not OpenAI's finish reasons: an error event (the openai client raises it), then [DONE].
+    assert rest[-1] == "data: [DONE]" and "error" in json.loads(rest[-2][5:])
+    assert not any('"abort"' in line for line in rest)
     assert process.wait(timeout=30) == 0
     assert "Traceback" not in process.stderr.read()
 
