@@ -16,7 +16,9 @@ next write. Writers take an exclusive lock and replace the file atomically.
 
 import cpu_blas  # noqa: I001  (binds MKL or OpenBLAS before MLX loads on Linux)
 
+import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -70,21 +72,32 @@ def machine():
                 blas=cpu_blas.LOADED, mlx=mx.__version__)
 
 
+def fingerprint(folder):
+    """What identifies a converted model whatever folder holds it: a hash of its config.json and of its
+    weight files' names and sizes (a copied, moved or re-downloaded folder keeps it; new weights change it)."""
+    folder = model.resolve(folder).resolve()
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for weights in model.weight_files(folder):
+        digest.update(f"\0{Path(weights).name}\0{Path(weights).stat().st_size}".encode())
+    return digest.hexdigest()[:32]
+
+
 def identity(target, draft, batch, dtype=None):
-    """The fields an entry is found by: this machine, the two models' folders, dtype and batch size."""
+    """The fields an entry is found by: this machine, the two models' contents (`fingerprint`), dtype and
+    batch size."""
     dtype = str(dtype or model.default_dtype()).replace("mlx.core.", "")
-    return dict(machine(), target=str(model.resolve(target).resolve()), draft=str(model.resolve(draft).resolve()),
-                dtype=dtype, batch=int(batch))
+    return dict(machine(), target=fingerprint(target), draft=fingerprint(draft), dtype=dtype, batch=int(batch))
 
 
 def entry_key(fields):
     return json.dumps([fields[name] for name in sorted(fields)])
 
 
-def warn_once(file, reason):
-    if file not in _warned:
-        _warned.add(file)
-        print(f"warning: ignoring the step-cost file {file} ({reason})", file=sys.stderr)
+def warn_once(file, reason, what="the step-cost file"):
+    """Print `warning: ignoring <what> <file> (<reason>)` on stderr, once per file and kind of warning."""
+    if (file, what) not in _warned:
+        _warned.add((file, what))
+        print(f"warning: ignoring {what} {file} ({reason})", file=sys.stderr)
 
 
 def read(file=None):
@@ -102,21 +115,35 @@ def read(file=None):
         return {}
 
 
+# What a machine can measure: a call takes at least a microsecond and less than ten minutes.
+MEASURABLE = (1e-6, 600.0)
+
+
 def components(entry):
-    """policy.Components of a stored entry, or None if the entry does not hold valid costs."""
+    """policy.Components of a stored entry, or None if the entry does not hold costs a machine could
+    have measured (missing, not numbers, zero, negative, NaN or absurd)."""
     try:
         costs = policy.Components(float(entry["host"]), float(entry["draft_seconds"]),
                                   {int(rows): float(s) for rows, s in entry["verify"].items()})
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    values = [costs.host, costs.draft, *costs.verify.values()]
-    return costs if all(v >= 0 and v < float("inf") for v in values) and min(costs.verify) >= 1 else None
+    low, high = MEASURABLE
+    timed = [costs.draft, *costs.verify.values()]
+    valid = (all(math.isfinite(v) and low <= v <= high for v in timed) and math.isfinite(costs.host)
+             and 0 <= costs.host <= high and min(costs.verify) >= 1)
+    return costs if valid else None
 
 
 def lookup(fields, file=None):
-    """The stored entry for these identity fields, or None (none stored, or not valid)."""
+    """The stored entry for these identity fields, or None (none stored, or, with one warning, not valid)."""
     entry = read(file).get(entry_key(fields))
-    return entry if entry is not None and components(entry) is not None else None
+    if entry is None:
+        return None
+    if components(entry) is None:
+        warn_once(str(file or path()), "zero, negative, not a number or beyond ten minutes: no machine measures "
+                  "that; main.py --calibrate measures them again", "the kept step costs of these models in")
+        return None
+    return entry
 
 
 def update(fields, change, file=None):
