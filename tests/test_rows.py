@@ -184,7 +184,7 @@ ROW_SAMPLING = st.builds(decoder.Sampling, temperature=st.sampled_from([0.7, 1.0
 ANY_SAMPLING = ROW_SAMPLING | st.just(decoder.Sampling())  # sampled, or greedy
 PROMPT = st.lists(st.integers(3, 60), min_size=1, max_size=8)
 NEIGHBOUR = st.tuples(PROMPT, st.integers(1, 10), ANY_SAMPLING)
-DRAWN = settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+DRAWN = settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                                          HealthCheck.data_too_large])
 
 
@@ -208,7 +208,7 @@ SEEDED_NEIGHBOUR = st.tuples(PROMPT, st.integers(1, 16), ANY_SAMPLING, st.none()
                              st.none() | st.integers(0, 2**32 - 1))
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(family=FAMILY, lookup=st.booleans(), prompt=PROMPT, seed=st.integers(0, 2**32 - 1),
        neighbours=st.lists(SEEDED_NEIGHBOUR, min_size=1, max_size=3), k=st.integers(1, 5),
        max_tokens=st.integers(1, 12))
