@@ -142,9 +142,9 @@ def test_generation_counts_alike_one_token_or_many_per_step(pair):
     tokens = tokenizer("Close the file. Join two paths. Sort the rows.", add_special_tokens=False).input_ids
     text = api.text_of(tokenizer, tokens)
     for stop in (". J", "Sort", "rows.", "Close", "absent"):
-        one = api.Generation(tokenizer, -1, [stop], decoder.Stats(generated=len(tokens)))
+        one = api.Generation(tokenizer, frozenset(), [stop], decoder.Stats(generated=len(tokens)))
         pieces = [one.add(decoder.Step(0, [t], 0, 0, 0, n == len(tokens) - 1, 0, 0)) for n, t in enumerate(tokens)]
-        many = api.Generation(tokenizer, -1, [stop], decoder.Stats(generated=len(tokens)))
+        many = api.Generation(tokenizer, frozenset(), [stop], decoder.Stats(generated=len(tokens)))
         assert many.add(decoder.Step(0, tokens, 0, 0, 0, True, 0, 0)) == "".join(pieces)
         want = text[: text.find(stop)] if stop in text else text
         assert "".join(pieces) == want and one.tokens == many.tokens
