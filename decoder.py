@@ -570,8 +570,7 @@ def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_
     useful = [0] * len(newest)
     if k > 0:
         drafts, q, real = drafter.propose(newest, k, sampling)
-        useful = [min(k if real is None else r, k if limit is None else limit)
-                  for r, limit in zip(real or [None] * len(newest), limits or [None] * len(newest))]
+        useful = [min(r, limit) for r, limit in zip(real or [k] * len(newest), limits or [k] * len(newest))]
     inputs = newest if isinstance(newest, mx.array) else mx.array(newest, mx.int32)
     logits = target.decode(mx.concatenate([inputs[:, None], drafts], axis=1), cache)
     limit = None if all(count == k for count in useful) else useful

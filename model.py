@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 import cli
 from models import gpt2, llama, mlxlm, t5
+from models.base import as_list
 from tokenizer import load as load_tokenizer
 
 MODELS_DIR = Path("mlx_models")
@@ -192,11 +193,6 @@ def read_config(path):
     return config
 
 
-def as_list(ids):
-    """A config's token id or ids as a list (None: none)."""
-    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
-
-
 def weight_files(path):
     """The safetensors files of converted folder `path` (those its index names, if it has one)."""
     index = path / "model.safetensors.index.json"
@@ -305,14 +301,14 @@ def folder_family(path):
     return loader(read_config(path), stored_names(weight_files(path)))
 
 
-def load_mlx_lm(path, dtype=None):
+def load_mlx_lm(path, config, dtype=None):
     """The model in mlx-lm folder `path`, read by mlx-lm itself; its floats cast to `dtype`, or
     (None) to float32 on the CPU as every family's, kept as stored on a GPU as mlx-lm runs them.
-    It stops at every EOS id read_config finds."""
+    It stops at every EOS id `config` (read_config's) names."""
     if dtype is None and default_dtype() == mx.float32:
         dtype = mx.float32
     try:
-        return mlxlm.load(path, dtype, as_list(read_config(path).get("eos_token_id")))
+        return mlxlm.load(path, dtype, as_list(config.get("eos_token_id")))
     except mlxlm.Unsupported as error:
         raise LoadError(f"{path}: {error}") from None
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
@@ -331,7 +327,7 @@ def load_model(path, dtype=None, part=None):
     if module is mlxlm:
         if part is not None and not (part.first and part.last):
             raise LoadError(PIPELINE_REFUSAL)
-        return load_mlx_lm(path, dtype)
+        return load_mlx_lm(path, config, dtype)
     model = build(config, path / "config.json", part, module)  # lazy: its random initial weights are never computed
     rename = None if part is None else part_names(model)
     weights = cast_weights(files, dtype or default_dtype(), rename)

@@ -71,6 +71,11 @@ def whole(total):
     return Part(0, total, total)
 
 
+def as_list(ids):
+    """A config's token id or ids (one int, a list, or None) as a list."""
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
 class TokenIds:
     """vocab_size and the EOS ids, which decoder.LanguageModel asks for, read from the model's `args`.
 
@@ -84,13 +89,11 @@ class TokenIds:
 
     @property
     def eos_token_ids(self):
-        ids = self.args.eos_token_id
-        return frozenset(ids if isinstance(ids, (list, tuple)) else () if ids is None else (ids,))
+        return frozenset(as_list(self.args.eos_token_id))
 
     @property
     def eos_token_id(self):
-        ids = self.args.eos_token_id
-        return ids[0] if isinstance(ids, (list, tuple)) else ids
+        return next(iter(as_list(self.args.eos_token_id)), None)
 
 
 class CausalModel(TokenIds):
