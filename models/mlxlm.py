@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.cache import KVCache, RotatingKVCache
-from mlx_lm.utils import MODEL_REMAPPING
 
 from .base import CausalModel, whole
 
 
 def architecture(model_type):
     """The mlx_lm.models module of `model_type` (mlx-lm's own remapping applied); None if mlx-lm has none."""
+    from mlx_lm.utils import MODEL_REMAPPING  # here, not above: importing mlx_lm imports transformers
+
     name = MODEL_REMAPPING.get(model_type, model_type)
     if not isinstance(name, str) or not name.isidentifier():
         return None
@@ -74,6 +74,8 @@ class Unsupported(ValueError):
 
 def windows(inner, model_type):
     """Per layer: None (full attention) or its sliding window; ValueError for a cache that cannot roll back."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
     found = []
     for layer in (inner.make_cache() if hasattr(inner, "make_cache") else [KVCache() for _ in inner.layers]):
         if type(layer) is KVCache:
