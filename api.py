@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
+import mlx.core as mx
+
 import decoder
 import distributed
 import drafters
@@ -541,6 +543,15 @@ class Engine:
         return decoder.speculative_steps(target, drafter, self.queue, None, self.policy, batch_size=self.max_batch)
 
     def run(self):
+        try:
+            self.serve()
+        finally:
+            # MLX asks a thread to destroy its own streams before it ends: left to thread and
+            # process teardown, they now and then abort the process ("terminate called").
+            mx.clear_streams()
+
+    def serve(self):
+        """Decode what the queue holds, batch after batch, until close()."""
         while not self.closed:
             if not self.queue.wait(timeout=0.2):
                 continue

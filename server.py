@@ -23,6 +23,7 @@ import time
 import uuid
 from typing import Optional, Union
 
+import mlx.core as mx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -479,6 +480,7 @@ def main(argv=None):
                           timeout_graceful_shutdown=5)).run()
     engine.close()
     engine.join()  # a process that exits while the engine's thread is inside MLX aborts (exit -6)
+    mx.clear_streams()  # and this thread's streams, as MLX asks, before the interpreter's teardown
     log.info("stopped")
     sys.exit(0)
 
