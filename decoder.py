@@ -487,6 +487,7 @@ def speculative_steps(
     # Prompt lookup proposes from the text so far, so its next step waits for this one's read.
     pipelined = drafter is None or isinstance(drafter, ModelDrafter)
     queued = None  # (k, its launched pass or None): the step after a plain one, chosen before that one's read
+    chain = PlainChain(policy if drafter is not None else None)
     while batch.rows:
         began = time.perf_counter()
         rows = batch.rows
@@ -501,7 +502,7 @@ def speculative_steps(
                                         verify_sampling, limits)
         table, drafted = launched
         queued = keys_before = None
-        if k == 0 and pipelined and min(remaining) > 1 and not batch.joining():
+        if k == 0 and pipelined and min(remaining) > 1 and not batch.joining() and not chain.full(len(rows)):
             # As plain decoding does: a plain step waits on no draft, so the next step is chosen now
             # and, if plain too, queued before this one is read, and the device never idles.
             upcoming = choose_k(drafter, policy, rows, batch.limits(policy, [left - 1 for left in remaining]))
@@ -523,9 +524,8 @@ def speculative_steps(
                    for row, entry, useful, left in zip(rows, table, drafted, remaining)]
         seconds = time.perf_counter() - began
         host = seconds - (verified - drafting)
-        if drafter is not None:
-            policy.observe([row.index for row in rows], k, [r.drafted for r in records], [r.accepted for r in records],
-                           seconds)
+        chain.add(([row.index for row in rows], k, [r.drafted for r in records], [r.accepted for r in records],
+                   seconds), ends=queued is None or queued[1] is None)
         finished = []
         for slot, (row, record) in enumerate(zip(rows, records)):
             record.seconds, record.host_seconds = seconds, host
@@ -542,9 +542,46 @@ def speculative_steps(
                 batch.cache.trim(1)  # the queued plain pass fed rows that are leaving or gaining company: undo it
                 for row, key in zip(rows, keys_before):
                     row.key = key  # and its draws: a row's random stream does not depend on its company
+                chain.end()
             queued = None
         for index in batch.refill(finished, plan):
             policy.forget(index)
+
+
+class PlainChain:
+    """Tells the policy of each step, timing plain steps that ran queued one after another as a chain.
+
+    A plain pass queued behind another shares the device with it while the host reads the
+    first, and where the one the host reads ends is the backend's business (MLX's CPU
+    backend makes queueing wait for nearly all of the pass before): one step may be timed
+    at two passes and the next at none. Their sum is right, so each step of a chain is
+    told the chain's mean. A chain ends after `longest` steps (one not queued behind), so the
+    policy learns what plain steps cost while it keeps choosing them; the first plain step at
+    a batch size is a chain of its own (it pays one-off allocations, which the policy leaves out).
+    """
+
+    longest = 16
+
+    def __init__(self, policy):
+        self.policy, self.steps, self.sizes = policy, [], set()
+
+    def add(self, observation, ends):
+        """One step's (rows, k, drafted, accepted, seconds); `ends`: no plain pass was queued behind it."""
+        self.steps.append(observation)
+        if ends:
+            self.end()
+
+    def full(self, batch):
+        """Whether the coming step (of `batch` rows) ends the chain."""
+        return batch not in self.sizes or len(self.steps) + 1 >= self.longest
+
+    def end(self):
+        if self.policy is not None and self.steps:
+            mean = sum(step[-1] for step in self.steps) / len(self.steps)
+            for *step, _ in self.steps:
+                self.policy.observe(*step, mean)
+        self.sizes.update(len(step[0]) for step in self.steps)
+        self.steps = []
 
 
 def choose_k(drafter, policy, rows, limits):

@@ -298,6 +298,8 @@ class AdaptivePolicy:
             self.probe_gap = self.probe_after if any(accepted) else min(2 * self.probe_gap, self.probe_after_most)
         for row, proposed, count in zip(rows, drafted, accepted):
             judged = min(proposed, count + 1)  # drafts are judged until the first rejection
+            if not judged:
+                continue  # a plain step says nothing of acceptance (and a row told late may have left)
             past = self.rows.get(row, (0.0, 0.0))
             fade = self.memory**judged
             self.rows[row] = (fade * past[0] + count, fade * past[1] + judged)
