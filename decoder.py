@@ -555,15 +555,16 @@ class PlainChain:
     first, and where the one the host reads ends is the backend's business (MLX's CPU
     backend makes queueing wait for nearly all of the pass before): one step may be timed
     at two passes and the next at none. Their sum is right, so each step of a chain is
-    told the chain's mean. A chain ends after `longest` steps (one not queued behind), so the
-    policy learns what plain steps cost while it keeps choosing them; the first plain step at
-    a batch size is a chain of its own (it pays one-off allocations, which the policy leaves out).
+    told the chain's mean. At each batch size the first plain step is a chain of its own (it pays
+    one-off allocations, which the policy leaves out), and the chains after it may run 2, 4, 8,
+    then at most `longest` steps (the last one not queued behind): the policy soon learns what a
+    plain step costs, and keeps learning while it chooses them.
     """
 
     longest = 16
 
     def __init__(self, policy):
-        self.policy, self.steps, self.sizes = policy, [], set()
+        self.policy, self.steps, self.chains = policy, [], {}  # batch size -> chains told
 
     def add(self, observation, ends):
         """One step's (rows, k, drafted, accepted, seconds); `ends`: no plain pass was queued behind it."""
@@ -573,14 +574,16 @@ class PlainChain:
 
     def full(self, batch):
         """Whether the coming step (of `batch` rows) ends the chain."""
-        return batch not in self.sizes or len(self.steps) + 1 >= self.longest
+        return len(self.steps) + 1 >= min(self.longest, 2 ** self.chains.get(batch, 0))
 
     def end(self):
         if self.policy is not None and self.steps:
             mean = sum(step[-1] for step in self.steps) / len(self.steps)
             for *step, _ in self.steps:
                 self.policy.observe(*step, mean)
-        self.sizes.update(len(step[0]) for step in self.steps)
+        if self.steps and self.steps[0][1] == 0:  # a chain of plain steps (a drafting step is one alone)
+            batch = len(self.steps[0][0])
+            self.chains[batch] = self.chains.get(batch, 0) + 1
         self.steps = []
 
 
