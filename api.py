@@ -442,6 +442,16 @@ class Guarded:
                     kept.append([0])
             return self.model.start(kept)
 
+    def prefill(self, prompts, chunk=None):
+        """The model's prefill generator; if it fails, its prompts fail and stand-ins start."""
+        self.started(prompts)
+        try:
+            return (yield from self.model.prefill(prompts, chunk))
+        except Exception as error:  # noqa: BLE001
+            for ids in prompts:
+                self.failed(ids, error)
+            return self.model.start([[0]] * len(prompts))
+
 
 class Engine:
     """Continuous batching: one thread owns MLX and decodes every submitted request in one batch.

@@ -300,6 +300,11 @@ class RequestQueue:
             self.changed.notify_all()
             return request.index
 
+    def put_back(self, requests):
+        """Return taken requests to the front of the queue, in their order."""
+        with self.changed:
+            self.waiting.extendleft(reversed(requests))
+
     def take(self, count):
         """Up to `count` waiting requests, oldest first, without waiting."""
         with self.changed:
@@ -360,17 +365,54 @@ class Batch:
     to `size` before every step, in the slots of leaving rows or in new ones.
     """
 
+    # Prompt tokens a long prompt's prefill runs between two steps of the others: a chunk this size
+    # takes a few steps' time, so the rows decoding beside it slow down but do not stall.
+    interleaved_chunk = 128
+
     def __init__(self, target, drafter, queue, size):
         self.target, self.drafter, self.queue, self.size = target, drafter, queue, size
         self.rows, self.cache = [], None
+        self.pending = None  # (request, its prefill generator): a long prompt, prefilled a chunk per step
         self.refill([])
 
+    def long(self, request):
+        """Whether a request's prompt is prefilled a chunk per step rather than in one go."""
+        chunk = getattr(self.target, "prefill_chunk", None)
+        return chunk is not None and len(request.ids) > min(chunk, self.interleaved_chunk)
+
     def admit(self, count):
-        """(rows, target cache, first tokens) for up to `count` waiting requests, or None."""
+        """(rows, target cache, first tokens) for up to `count` requests ready to join, or None.
+
+        A long prompt is prefilled one chunk per call while the others decode (it holds one of
+        the `count` places meanwhile): short requests that come after it join at once, so
+        they do not wait for its whole prefill, and it joins alone when its prefill ends.
+        """
+        if self.pending is not None:
+            request, prefill = self.pending
+            try:
+                if self.queue.leaving([request.index]):  # cancelled: its prefill stops here
+                    self.pending = None
+                    prefill.close()
+                else:
+                    next(prefill)
+                    count -= 1
+            except StopIteration as done:
+                self.pending = None
+                return self.rows_of([request], *done.value)
         requests = self.queue.take(count) if count > 0 else []
+        long = [r for r in requests if self.long(r)]
+        if long and self.pending is None:
+            self.pending = (long[0], self.target.prefill([long[0].ids], self.interleaved_chunk))
+            requests.remove(long[0])
+        later = [r for r in requests if self.long(r)]
+        self.queue.put_back(later)  # one long prompt at a time
+        requests = [r for r in requests if not self.long(r)]
         if not requests:
             return None
-        cache, firsts = self.target.start([r.ids for r in requests])
+        return self.rows_of(requests, *self.target.start([r.ids for r in requests]))
+
+    def rows_of(self, requests, cache, firsts):
+        """(rows, target cache, first tokens) of requests whose prefill just ended."""
         now = time.perf_counter()
         # Stats accumulate across calls: time counts on from what they hold.
         rows = [Row(r, first, now - r.stats.seconds, row_key(r.seed)) for r, first in zip(requests, firsts)]
@@ -389,8 +431,9 @@ class Batch:
         return leaving, cancelled, self.admit(self.size - len(self.rows) + len(leaving))
 
     def joining(self):
-        """Whether waiting requests would join before the next step (the batch has room for them)."""
-        return len(self.queue) > 0 and len(self.rows) < self.size
+        """Whether waiting requests would join before the next step (the batch has room for them),
+        or a long prompt's prefill goes on between steps."""
+        return (self.pending is not None or len(self.queue) > 0) and len(self.rows) < self.size
 
     def refill(self, finished, plan=None):
         """Let finished and cancelled rows (slots) go; fill free places with waiting requests.
@@ -488,7 +531,10 @@ def speculative_steps(
     pipelined = drafter is None or isinstance(drafter, ModelDrafter)
     queued = None  # (k, its launched pass or None): the step after a plain one, chosen before that one's read
     chain = PlainChain(policy if drafter is not None else None)
-    while batch.rows:
+    while batch.rows or batch.pending:
+        if not batch.rows:  # only a long prompt's prefill: its next chunk (and whoever comes meanwhile)
+            batch.refill([])
+            continue
         began = time.perf_counter()
         rows = batch.rows
         remaining = [row.request.max_tokens - row.generated for row in rows]

@@ -561,6 +561,11 @@ class PipelinedTarget:
         self.command({"op": "start", "id": self.ids, "prompts": [list(map(int, p)) for p in prompts]}, out)
         return PipelineCache(self, self.ids, cache), firsts
 
+    def prefill(self, prompts, chunk=None):
+        """start() as a generator of no chunks: every rank prefills its part in one go."""
+        return self.start(prompts)
+        yield  # noqa: unreachable  (makes this a generator)
+
     def decode(self, tokens, cache, padding=None):
         x = self.part.decode(tokens, cache.local, padding)
         padding = None if padding is None else np.asarray(padding).tolist()

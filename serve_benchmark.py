@@ -66,6 +66,9 @@ def build_parser():
     parser.add_argument("--mlx-lm", action="store_true", help="also run mlx_lm.server (Llama pair, draft) under the same load")
     parser.add_argument("--mlx-lm-clients", nargs="+", type=int, metavar="N",
                         help="client counts for mlx_lm.server (default: --clients)")
+    parser.add_argument("--beside-long", type=int, metavar="TOKENS",
+                        help="instead of the client counts: time to first token of a short request sent while a "
+                             "prompt of TOKENS tokens is prefilled, against the short request alone")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE (after every setting)")
     return parser
 
@@ -146,6 +149,24 @@ def load(url, model, clients, requests, max_tokens):
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
     return summarise(results, clients, time.perf_counter() - began)
+
+
+def beside_long(url, model, tokens, max_tokens=8, rounds=3):
+    """Time to first token of a short request alone, and sent 0.2 s after a streamed prompt of
+    `tokens` tokens ("a " repeated: one token each to the synthetic tokenizers), whose own time to
+    first token is its prefill's; medians over `rounds`."""
+    alone, beside, long_ttft = [], [], []
+    for _ in range(rounds):
+        alone.append(one_request(url, model, PROMPTS[0], max_tokens)[0])
+        with ThreadPoolExecutor(2) as pool:
+            long_reply = pool.submit(one_request, url, model, "a " * tokens, max_tokens)
+            time.sleep(0.2)
+            beside.append(one_request(url, model, PROMPTS[0], max_tokens)[:2])
+            long_ttft.append(long_reply.result()[0])
+    return {"clients": 2, "long_prompt_tokens": tokens, "short_ttft_alone": statistics.median(alone),
+            "short_ttft_beside_long": statistics.median(ttft for ttft, _ in beside),
+            "short_total_beside_long": statistics.median(ttft + rest for ttft, rest in beside),
+            "long_ttft": statistics.median(long_ttft)}
 
 
 def percentile(values, q):
@@ -248,6 +269,13 @@ def run(args):
         process = start(command(port), url)
         try:
             one_request(url, model, PROMPTS[0], args.max_tokens)  # warm-up: compiled kernels, allocations
+            if args.beside_long:
+                measured = beside_long(url, model, args.beside_long)
+                rows.append({"server": name, "family": family, "drafter": drafter, **measured})
+                print(f"  short request's TTFT: {measured['short_ttft_alone'] * 1000:.0f} ms alone, "
+                      f"{measured['short_ttft_beside_long'] * 1000:.0f} ms beside a {args.beside_long}-token "
+                      f"prompt whose TTFT is {measured['long_ttft'] * 1000:.0f} ms", file=sys.stderr, flush=True)
+                continue
             counts = args.mlx_lm_clients if name == "mlx_lm.server" and args.mlx_lm_clients else args.clients
             for clients in counts:
                 if clients == 1 and name == "server.py":
@@ -275,6 +303,13 @@ def save(args, rows):
 
 def table(rows):
     """The results as a Markdown table."""
+    if rows and "long_prompt_tokens" in rows[0]:
+        return tabulate([[r["server"], r["family"], r["drafter"], r["long_prompt_tokens"],
+                          f"{r['short_ttft_alone'] * 1000:.0f}", f"{r['short_ttft_beside_long'] * 1000:.0f}",
+                          f"{r['short_total_beside_long'] * 1000:.0f}", f"{r['long_ttft'] * 1000:.0f}"] for r in rows],
+                        ["server", "pair", "drafter", "long prompt tokens", "short TTFT alone ms",
+                         "short TTFT beside it ms", "short request's whole time beside it ms",
+                         "long prompt's TTFT ms"], tablefmt="github")
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.0f}"  # noqa: E731
     rate = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     body = [[r["server"], r["family"], r["drafter"], r["clients"], rate(r["requests_per_second"]),

@@ -129,17 +129,27 @@ class CausalModel(TokenIds):
 
         An empty prompt starts from the BOS token, as Hugging Face's generate does.
         """
-        cache, firsts, _ = self.start_part(prompts)
+        return finish(self.prefill(prompts))
+
+    def prefill(self, prompts, chunk=None):
+        """start() as a generator: it prefills `chunk` columns (at most `prefill_chunk`) per next()
+        and returns start()'s (cache, first input tokens), so a step loop can run other rows'
+        steps between chunks."""
+        cache, firsts, _ = yield from self.prefill_part(prompts, chunk=chunk)
         return cache, firsts
 
     def start_part(self, prompts, x=None):
         """start() for this part: (cache, first input tokens, activations for the next part or None).
 
         x: the previous part's activations of the prefill (batch, width, d) (None for the
-        first part, or when no prompt has more than one token). The prefill runs
-        `prefill_chunk` columns at a time, the cache evaluated after each, so peak memory
-        is bounded by one chunk whatever the prompt's length.
+        first part, or when no prompt has more than one token).
         """
+        return finish(self.prefill_part(prompts, x))
+
+    def prefill_part(self, prompts, x=None, chunk=None):
+        """start_part() as a generator of its chunks. The prefill runs `prefill_chunk` columns
+        at a time, the cache evaluated after each, so peak memory is bounded by one chunk
+        whatever the prompt's length."""
         prompts = [list(ids) or self.bos_prompt() for ids in prompts]
         cache = self.new_cache(len(prompts))
         prefixes = [ids[:-1] for ids in prompts]
@@ -149,20 +159,31 @@ class CausalModel(TokenIds):
             x = mx.array([[0] * (width - len(ids)) + ids for ids in prefixes]) if width else None
         cache.grow(width)  # one allocation for the whole prompt, not one copy per chunk
         outs = []
-        for lo in range(0, width, self.prefill_chunk):
-            hi = min(lo + self.prefill_chunk, width)
+        chunk = min(chunk or self.prefill_chunk, self.prefill_chunk)
+        for lo in range(0, width, chunk):
+            hi = min(lo + chunk, width)
             # Filler leads each row, so within a chunk it leads too: this chunk's share of it.
             out = self.decode(x[:, lo:hi], cache, np.clip(padding - lo, 0, hi - lo))
             if not self.part.last:
                 outs.append(out)
             # Only the keys/values matter to the last part: evaluating them drops the chunk's graph.
             mx.eval([k for k in cache.keys if k is not None], [v for v in cache.values if v is not None], outs)
+            yield hi
         return cache, [ids[-1] for ids in prompts], mx.concatenate(outs, axis=1) if outs else None
 
     def bos_prompt(self):
         if self.args.bos_token_id is None:
             raise ValueError("an empty prompt needs a BOS token, and this model has none")
         return [self.args.bos_token_id]
+
+
+def finish(generator):
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as done:
+            return done.value
 
 
 def output_config(config, tied):

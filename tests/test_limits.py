@@ -102,6 +102,27 @@ def test_chunked_prefill_keeps_greedy_speculative_output(pairs, family):
     assert tokens == alone
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_short_request_does_not_wait_for_a_long_prompts_prefill(pairs, family):
+    """A long prompt is prefilled a chunk per step: a short request queued after it decodes meanwhile
+    and ends before the long one's first token, and each gets what it gets alone."""
+    *_, pair = pairs[family]
+    long_ids = pair.tokenizer("Close the file. " * 40).input_ids
+    short_ids = pair.tokenizer("Sort the rows").input_ids
+    alone = [list(decoder.generate(pair.target, ids, 6)) for ids in (long_ids, short_ids)]
+    pair.target.prefill_chunk = 8  # the long prompt takes more chunks than the short one takes steps
+    try:
+        queue = decoder.RequestQueue([decoder.Request(long_ids, 6), decoder.Request(short_ids, 6)])
+        steps = list(decoder.speculative_steps(pair.target, decoder.as_drafter(pair.draft), queue, None,
+                                               policy.make_policy("constant", 2), batch_size=4))
+    finally:
+        del pair.target.prefill_chunk
+    assert len(long_ids) > 8 * 12
+    order = [step.index for step in steps]
+    assert order.index(0) > max(i for i, index in enumerate(order) if index == 1)
+    assert [sum((s.tokens for s in steps if s.index == n), []) for n in (0, 1)] == alone
+
+
 # ----- limits: main.py and api.py ---------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
