@@ -23,11 +23,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+import calibration
 import decoder
 import distributed
 import drafters
 import model
-from policy import make_policy
+import policy
 from textstream import REPLACEMENT, TextStream, text_of  # noqa: F401  (text_of: part of this interface)
 from tokenizer import check_text
 
@@ -58,6 +59,7 @@ class Pair:
     name: str
     prompt_lookup: bool = False
     ngram_max: int = 3
+    folders: tuple = None  # (target, draft) as loaded: where their kept step costs are found
 
     def drafter(self):
         """A fresh Drafter for one run of the step loop, or None for plain decoding."""
@@ -68,6 +70,30 @@ class Pair:
     @property
     def models(self):
         return [m for m in (self.target, self.draft) if m is not None]
+
+    def kept_costs(self):
+        """The identity of this pair's step costs kept by calibration.py (batch size 1), or None
+        (no draft model, or not loaded from folders)."""
+        if self.draft is None or self.prompt_lookup or self.folders is None:
+            return None
+        try:
+            return calibration.identity(*self.folders, 1)
+        except (OSError, ValueError, model.LoadError):  # a folder gone or changed since it loaded: nothing kept
+            return None
+
+    def policy(self, schedule, num_draft, batches=(1,)):
+        """The StepPolicy a schedule names; the adaptive one starts from the costs kept for this pair
+        at each of the batch sizes `batches` (those a run may decode at)."""
+        fields = self.kept_costs() if schedule == "adaptive" else None
+        if fields is None:
+            return policy.make_policy(schedule, num_draft)
+        return calibration.adaptive_policy(num_draft, fields, batches=list(batches))
+
+    def remember(self, chosen, batches=(1,)):
+        """Keep what an adaptive policy measured at the batch sizes `batches` (see calibration.remember)."""
+        fields = self.kept_costs()
+        if fields is not None and isinstance(chosen, policy.AdaptivePolicy):
+            calibration.remember_over(chosen, fields, batches)
 
     @cached_property
     def longest_token(self):
@@ -134,7 +160,7 @@ def load(target, draft=None, prompt_lookup=False, ngram_max=3):
     if draft is not None and prompt_lookup:
         raise UsageError("give a draft model or prompt lookup, not both")
     target_model, draft_model, tokenizer = load_models(target, draft)
-    return Pair(target_model, draft_model, tokenizer, Path(target).name, prompt_lookup, ngram_max)
+    return Pair(target_model, draft_model, tokenizer, Path(target).name, prompt_lookup, ngram_max, (target, draft))
 
 
 @dataclass
@@ -374,9 +400,11 @@ def stream_generation(pair, prompt, chosen, stats=None):
     """Yield (new text, Generation) per step of one prompt until it is done."""
     one = request(pair, prompt, chosen, stats)
     generation = Generation(pair.tokenizer, pair.target.eos_token_ids, chosen.stop, one.stats)
-    for step in steps(pair, [one], make_policy(chosen.schedule, chosen.num_draft)):
+    chosen_policy = pair.policy(chosen.schedule, chosen.num_draft)
+    for step in steps(pair, [one], chosen_policy):
         yield generation.add(step), generation
         if generation.finish_reason:
+            pair.remember(chosen_policy)
             return
 
 
@@ -469,7 +497,7 @@ class Engine:
                  max_context=None):
         self.pair, self.max_batch, self.max_queue, self.num_draft = pair, max_batch, max_queue, num_draft
         self.max_context = max_context
-        self.policy = make_policy(schedule, num_draft)
+        self.policy = pair.policy(schedule, num_draft, range(1, max_batch + 1))
         self.queue = decoder.RequestQueue()
         self.open = {}  # request index -> (Generation, listener, Stats)
         self.indices = {}  # id() of a request's token list -> its index, to name a prompt that fails
@@ -555,6 +583,7 @@ class Engine:
     def run(self):
         try:
             self.serve()
+            self.pair.remember(self.policy, range(1, self.max_batch + 1))
         finally:
             # MLX asks a thread to destroy its own streams before it ends: left to thread and
             # process teardown, they now and then abort the process ("terminate called").

@@ -121,16 +121,17 @@ MEASURABLE = (1e-6, 600.0)
 
 def components(entry):
     """policy.Components of a stored entry, or None if the entry does not hold costs a machine could
-    have measured (missing, not numbers, zero, negative, NaN or absurd)."""
+    have measured (missing, not numbers, negative, NaN or absurd, a pass of zero seconds)."""
     try:
         costs = policy.Components(float(entry["host"]), float(entry["draft_seconds"]),
                                   {int(rows): float(s) for rows, s in entry["verify"].items()})
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
     low, high = MEASURABLE
-    timed = [costs.draft, *costs.verify.values()]
-    valid = (all(math.isfinite(v) and low <= v <= high for v in timed) and math.isfinite(costs.host)
-             and 0 <= costs.host <= high and min(costs.verify) >= 1)
+    # host and draft may be 0: costs a run took from its own whole steps fold them into the passes.
+    valid = (all(math.isfinite(v) and low <= v <= high for v in costs.verify.values())
+             and all(math.isfinite(v) and 0 <= v <= high for v in (costs.host, costs.draft))
+             and min(costs.verify) >= 1)
     return costs if valid else None
 
 
@@ -229,14 +230,20 @@ def measure(target, draft, prompt_ids, most, batch=1, calls=9, context=CONTEXT):
     return policy.Components(host_time(target, draft, prompt_ids, batch), statistics.median(draft_times), verify)
 
 
-def adaptive_policy(num_draft, fields, file=None):
-    """An AdaptivePolicy that starts from the stored entry for `fields` (uncalibrated if none)."""
-    entry = lookup(fields, file)
-    if entry is None:
-        return policy.AdaptivePolicy(num_draft)
-    pooled = entry.get("acceptance")
-    valid = isinstance(pooled, list) and len(pooled) == 2 and 0 <= pooled[0] <= pooled[1]
-    return starting_from(num_draft, fields["batch"], components(entry), scaled_acceptance(pooled) if valid else None)
+def adaptive_policy(num_draft, fields, file=None, batches=None):
+    """An AdaptivePolicy that starts from the stored entries for `fields` at each batch size in
+    `batches` (default: fields' own; a server's batch grows and shrinks), uncalibrated where none is
+    stored, with the pooled acceptance of the first entry found."""
+    costs, pooled = {}, None
+    for batch in batches or [fields["batch"]]:
+        entry = lookup(dict(fields, batch=batch), file)
+        if entry is None:
+            continue
+        costs[batch] = components(entry)
+        found = entry.get("acceptance")
+        if pooled is None and isinstance(found, list) and len(found) == 2 and 0 <= found[0] <= found[1]:
+            pooled = scaled_acceptance(found)
+    return policy.AdaptivePolicy(num_draft, policy.StepCosts(costs), pooled)
 
 
 def starting_from(num_draft, batch, costs, pooled=None):
@@ -252,15 +259,23 @@ def scaled_acceptance(pooled):
 
 def learned(chosen, batch):
     """(costs, pooled acceptance) worth keeping from an adaptive run: its batch size's costs as it
-    measured them (None if uncalibrated there) and its acceptance (None if it judged no draft)."""
-    costs = chosen.costs.calibration(batch) if isinstance(chosen, policy.AdaptivePolicy) else None
+    measured them (calibrated there, or from its own steps; None if it timed too few) and its
+    acceptance (None if it judged no draft)."""
+    costs = None
+    if isinstance(chosen, policy.AdaptivePolicy):
+        costs = chosen.costs.calibration(batch) or chosen.costs.measured(batch)
     pooled = getattr(chosen, "pooled", [0, 0])
     return costs, (scaled_acceptance(pooled) if pooled[1] else None)
 
 
+def remember_over(chosen, fields, batches, file=None):
+    """remember() at every batch size in `batches`; the batch sizes written."""
+    return [batch for batch in batches if remember(chosen, dict(fields, batch=batch), file)]
+
+
 def remember(chosen, fields, file=None):
-    """Write back what an adaptive run measured, if its batch size is calibrated: the costs as it
-    measured them, and its pooled acceptance. Returns whether it wrote."""
+    """Write back what an adaptive run measured at its batch size, calibrated there or not: the costs
+    as it measured them, and its pooled acceptance. Returns whether it wrote."""
     costs, pooled = learned(chosen, fields["batch"])
     if costs is None:
         return False

@@ -187,6 +187,16 @@ class StepCosts:
         slope = max(0.0, sum(n * (k - mean_k) * (t - mean_t) for k, (t, n) in points.items()) / spread)
         return lambda k: max(mean_t + slope * (k - mean_k), 1e-9)
 
+    def measured(self, batch):
+        """Components of an uncalibrated batch size from the steps timed at it (None unless k 0 and
+        a k >= 1 were): each whole step as the target's pass at its rows, no host or draft part, so
+        a later run predicts every k from the start and mends the ks it uses (see calibration)."""
+        medians = {(k + 1) * batch: statistics.median(kept)
+                   for (b, k), kept in self.samples.items() if b == batch and kept}
+        if batch not in medians or len(medians) < 2:
+            return None
+        return Components(0.0, 0.0, medians)
+
     def calibration(self, batch):
         """The batch size's Components as this process measured them (None if uncalibrated): rescaled,
         and where a k has steps of its own, the target's pass at its rows set to what they imply

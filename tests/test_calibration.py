@@ -4,11 +4,14 @@ import json
 import multiprocessing
 import os
 import stat
+import statistics
+import threading
 
 import pytest
 from conftest import OFTEN, one_error_line, run_script
 from test_decoder import MAX_TOKENS, prompt_ids
 
+import api
 import calibration
 import decoder
 import policy
@@ -156,6 +159,50 @@ def test_a_calibrated_run_is_exact_and_writes_back(load_pair, pair_dirs, costs_f
     assert calibration.components(entry) == chosen.costs.calibration(1)
     # An uncalibrated run leaves the file alone.
     assert not calibration.remember(policy.AdaptivePolicy(8), dict(mine, batch=3))
+    assert calibration.lookup(dict(mine, batch=3)) is None
+
+
+def test_an_uncalibrated_run_keeps_what_it_timed_and_the_next_starts_from_it(load_pair, pair_dirs, costs_file):
+    """A user's first run, with nothing kept, writes each k's median step back; the next run predicts
+    every k from its first step (no exploring), and decodes the same."""
+    target, draft, tokenizer = load_pair(OFTEN)
+    mine = calibration.identity(*pair_dirs(OFTEN), 1)
+    first = calibration.adaptive_policy(4, mine)
+    assert not first.costs.calibrated(1)
+    for prompt in prompt_ids(tokenizer):
+        assert list(decoder.speculative_generate(target, draft, prompt, MAX_TOKENS, schedule=first)) == \
+            list(decoder.generate(target, prompt, MAX_TOKENS))
+    assert calibration.remember(first, mine)
+    kept = calibration.components(calibration.lookup(mine))
+    timed = {k: statistics.median(samples) for (batch, k), samples in first.costs.samples.items() if samples}
+    assert 0 in timed and len(timed) >= 2
+    assert {rows - 1: seconds for rows, seconds in kept.verify.items()} == pytest.approx(timed)
+    second = calibration.adaptive_policy(4, mine)
+    assert second.costs.calibrated(1) and set(second.costs.table(1, range(5))) == set(range(5))
+    for prompt in prompt_ids(tokenizer):
+        assert list(decoder.speculative_generate(target, draft, prompt, MAX_TOKENS, schedule=second)) == \
+            list(decoder.generate(target, prompt, MAX_TOKENS))
+
+
+def test_the_engine_starts_from_the_costs_kept_at_each_batch_size_and_keeps_its_own(pair_dirs, costs_file):
+    """A server's batch grows and shrinks: its policy starts from every batch size's kept costs, and
+    what it timed goes back at the end."""
+    target_dir, draft_dir = pair_dirs(OFTEN)
+    pair = api.load(str(target_dir), str(draft_dir))
+    mine = calibration.identity(target_dir, draft_dir, 1)
+    calibration.store(dict(mine, batch=2), policy.Components(0.0, 1e-4, {2: 2e-3, 4: 2.2e-3, 6: 2.4e-3}))
+    engine = api.Engine(pair, max_batch=3, num_draft=2)
+    assert engine.policy.costs.calibrated(2) and not engine.policy.costs.calibrated(1)
+    assert not engine.policy.costs.calibrated(3)
+    done = threading.Event()
+    ids = pair.tokenizer("Close the file.").input_ids
+    engine.submit(ids, api.Settings(max_tokens=24), lambda event: event.finish_reason and done.set())
+    try:
+        assert done.wait(120)
+    finally:
+        engine.close()
+        engine.join()
+    assert calibration.lookup(dict(mine, batch=1)) is not None  # it decoded at batch size 1: kept now
     assert calibration.lookup(dict(mine, batch=3)) is None
 
 
