@@ -163,6 +163,10 @@ def load(target, draft=None, prompt_lookup=False, ngram_max=3):
     return Pair(target_model, draft_model, tokenizer, Path(target).name, prompt_lookup, ngram_max, (target, draft))
 
 
+# The most likely tokens a request may ask log-probabilities of, per position (OpenAI's own limit).
+MOST_LOGPROBS = 20
+
+
 @dataclass
 class Settings:
     """How one prompt is decoded.
@@ -171,7 +175,8 @@ class Settings:
     and top_p; seed: the row's own random stream (None: MLX's global generator); stop:
     strings that end the text (left out of it); delta: acceptance relaxation in [0, 1];
     num_draft: drafts per step at most; schedule: 'adaptive' or 'constant' (the engine
-    has one schedule for all rows).
+    has one schedule for all rows); logprobs: None, or n in 0..20 for each token's
+    log-probability under the target and the n most likely tokens' (decoder.Step.logprobs).
     """
 
     max_tokens: int = 100
@@ -183,6 +188,7 @@ class Settings:
     delta: float = 0.0
     num_draft: int = 5
     schedule: str = "adaptive"
+    logprobs: int = None
 
     def problem(self, name=str):
         """The first value out of range as one line, or None; name(field) spells a field (e.g. as a flag)."""
@@ -202,6 +208,8 @@ class Settings:
             ("seed", self.seed is None or 0 <= self.seed < 2**64,
              f"{name('seed')} must lie in [0, 2**64), got {self.seed}"),
             ("schedule", self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MOST_LOGPROBS,
+             f"{name('logprobs')} must lie in [0, {MOST_LOGPROBS}], got {self.logprobs}"),
         ]
         return next(((field, message) for field, ok, message in rules if not ok), None)
 
@@ -319,7 +327,8 @@ class Generation:
     it (tokens decoded past it, whether one at a time or drafted in one step, are not the
     client's), so a plain and a speculative run that hand on one text count the same.
     stats: the request's decoder.Stats, whose `generated` is set to len(tokens) at a stop
-    string (drafted, accepted and target_calls still count all the work done).
+    string (drafted, accepted and target_calls still count all the work done). logprobs:
+    one entry per token (decoder.Step.logprobs) where the request asked for them, else None.
     """
 
     def __init__(self, tokenizer, eos_token_ids, stop=(), stats=None):
@@ -329,6 +338,8 @@ class Generation:
         self.eos_token_ids = eos_token_ids
         self.stats = stats
         self.tokens = []
+        self.logprobs = None
+        self.logprobs_handed = 0  # entries of logprobs handed on so far (new_logprobs)
         self.handed = 0  # characters handed on so far
         self.finish_reason = None
 
@@ -336,6 +347,8 @@ class Generation:
         if self.finish_reason:
             return ""
         self.tokens += step.tokens
+        if step.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + step.logprobs
         piece = self.stop.feed(self.text.add(step.tokens))
         if not self.stop.stopped and step.finished:
             piece += self.stop.feed(self.text.finish(), final=True)
@@ -353,8 +366,20 @@ class Generation:
         while n > 0 and len(text_of(self.tokenizer, self.tokens[: n - 1]).rstrip(REPLACEMENT)) >= self.handed:
             n -= 1
         del self.tokens[n:]
+        if self.logprobs is not None:
+            del self.logprobs[n:]
         if self.stats is not None:
             self.stats.generated = n
+
+
+    def new_logprobs(self):
+        """The logprobs entries not handed on yet (None if none were asked): those of the tokens so far,
+        which a stop string may cut afterwards (a stream cannot take back what it sent)."""
+        if self.logprobs is None:
+            return None
+        given = self.logprobs[self.logprobs_handed :]
+        self.logprobs_handed = len(self.logprobs)
+        return given
 
 
 @dataclass
@@ -362,13 +387,15 @@ class Completion:
     """A finished generation: its text, token ids, "stop" or "length", and its decoder.Stats.
 
     tokens: the ids the text is made of (cut at a stop string as Generation says);
-    stats.generated == len(tokens).
+    stats.generated == len(tokens); logprobs: one decoder.Step.logprobs entry per token
+    where Settings.logprobs asked for them, else None.
     """
 
     text: str
     tokens: list
     finish_reason: str
     stats: decoder.Stats
+    logprobs: list = None
 
 
 def request(pair, prompt, chosen, stats=None, max_context=None):
@@ -386,8 +413,9 @@ def request(pair, prompt, chosen, stats=None, max_context=None):
         ids = list(prompt)
         check_ids(ids, pair.target.vocab_size)
         check_lengths([ids], chosen.max_tokens, pair.models, "max_tokens", max_context)
-    return decoder.Request(ids, chosen.max_tokens, chosen.sampling, chosen.delta, chosen.num_draft, chosen.seed,
-                           stats if stats is not None else decoder.Stats())
+    return decoder.Request(ids, chosen.max_tokens, chosen.sampling, chosen.delta, num_draft=chosen.num_draft,
+                           seed=chosen.seed, stats=stats if stats is not None else decoder.Stats(),
+                           logprobs=chosen.logprobs)
 
 
 def steps(pair, requests, policy, batch_size=1):
@@ -425,7 +453,7 @@ def generate(pair, prompt, **values):
     text, generation = "", None
     for piece, generation in stream_generation(pair, prompt, settings(**values), stats):
         text += piece
-    return Completion(text, generation.tokens, generation.finish_reason, stats)
+    return Completion(text, generation.tokens, generation.finish_reason, stats, generation.logprobs)
 
 
 @dataclass
@@ -438,6 +466,7 @@ class Event:
     stats: decoder.Stats = None
     error: str = None
     step: decoder.Step = None
+    logprobs: list = None  # the entries of tokens not told of before (Generation.new_logprobs), if asked
 
 
 class Guarded:
@@ -614,7 +643,9 @@ class Engine:
             return
         generation, listener, stats = entry
         piece = generation.add(step)
+        logprobs = generation.new_logprobs()
         if generation.finish_reason:
-            self.end(step.index, Event(piece, generation.finish_reason, step=step), leave=not step.finished)
+            self.end(step.index, Event(piece, generation.finish_reason, step=step, logprobs=logprobs),
+                     leave=not step.finished)
         else:
-            self.tell(listener, Event(piece, None, stats, step=step))
+            self.tell(listener, Event(piece, None, stats, step=step, logprobs=logprobs))

@@ -127,6 +127,9 @@ class Step:
     finished: bool  # the row met EOS or max_tokens
     seconds: float  # the step's wall time, shared by its rows
     host_seconds: float  # of it, the loop's own work on the host (not drafting, verifying or waiting)
+    # Where the row's request asked for them, per emitted token: (the token, its log-probability under
+    # the target, [(token, log-probability)] of the target's most likely tokens there, most likely first).
+    logprobs: list = None
 
 
 def leading_true(flags):
@@ -275,6 +278,7 @@ class Request:
     seed: int = None
     stats: Stats = field(default_factory=Stats)
     index: int = -1
+    logprobs: int = None  # None: no log-probabilities; n >= 0: each token's, and the n most likely
 
 
 class RequestQueue:
@@ -481,6 +485,11 @@ class Batch:
         return [min(policy.num_draft if row.request.num_draft is None else row.request.num_draft, left - 1)
                 for row, left in zip(self.rows, remaining)]
 
+    def logprobs(self):
+        """The most likely tokens' count the rows ask log-probabilities of (None: no row asks)."""
+        wanted = [row.request.logprobs for row in self.rows if row.request.logprobs is not None]
+        return max(wanted) if wanted else None
+
     def deltas(self):
         """The rows' delta: one number when they share it, else a list."""
         deltas = [row.request.delta for row in self.rows]
@@ -538,15 +547,15 @@ def speculative_steps(
         began = time.perf_counter()
         rows = batch.rows
         remaining = [row.request.max_tokens - row.generated for row in rows]
-        limits, deltas = batch.limits(policy, remaining), batch.deltas()
+        limits, deltas, logprobs = batch.limits(policy, remaining), batch.deltas(), batch.logprobs()
         k, launched = queued or (choose_k(drafter, policy, rows, limits), None)
         newest = [row.newest for row in rows]
         drafting = time.perf_counter()
         if launched is None:
             draft_sampling, verify_sampling = batch.sampling()
             launched = draft_and_verify(target, drafter, batch.cache, newest, k, deltas, draft_sampling,
-                                        verify_sampling, limits)
-        table, drafted = launched
+                                        verify_sampling, limits, logprobs)
+        table, drafted, scores = launched
         queued = keys_before = None
         if k == 0 and pipelined and min(remaining) > 1 and not batch.joining() and not chain.full(len(rows)):
             # As plain decoding does: a plain step waits on no draft, so the next step is chosen now
@@ -556,9 +565,11 @@ def speculative_steps(
             if upcoming == 0:
                 keys_before = [row.key for row in rows]
                 _, verify_sampling = batch.sampling()
-                queued = (0, draft_and_verify(target, drafter, batch.cache, table[:, -1], 0, deltas, verify_sampling))
-                mx.async_eval(queued[1][0])
-        table = table.tolist()
+                queued = (0, draft_and_verify(target, drafter, batch.cache, table[:, -1], 0, deltas, verify_sampling,
+                                              logprobs=logprobs))
+                mx.async_eval(queued[1][0], queued[1][2])
+        mx.eval(table, scores)  # one host read: the verdicts and, if asked, their log-probabilities
+        table, scores = table.tolist(), scores and [part.tolist() for part in scores]
         verified = time.perf_counter()
         accepted = [row[0] for row in table]
         proposed = [row[1 : k + 1] for row in table]
@@ -566,8 +577,9 @@ def speculative_steps(
         batch.cache.trim([k - count for count in accepted])
         if drafter is not None:
             drafter.settle(newest, k, accepted, proposed, verdicts)
-        records = [settle_row(row, entry, k, useful, left, target.eos_token_ids)
-                   for row, entry, useful, left in zip(rows, table, drafted, remaining)]
+        records = [settle_row(row, entry, k, useful, left, target.eos_token_ids,
+                              scores and [part[slot] for part in scores])
+                   for slot, (row, entry, useful, left) in enumerate(zip(rows, table, drafted, remaining))]
         seconds = time.perf_counter() - began
         host = seconds - (verified - drafting)
         chain.add(([row.index for row in rows], k, [r.drafted for r in records], [r.accepted for r in records],
@@ -641,7 +653,8 @@ def choose_k(drafter, policy, rows, limits):
     return policy.choose([row.index for row in rows], cap)
 
 
-def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_sampling=None, limits=None):
+def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_sampling=None, limits=None,
+                     logprobs=None):
     """Draft k tokens per row, score them with the target, verify: one host read.
 
     newest: each row's input token, a list or an array on the device; delta: one value or
@@ -649,7 +662,8 @@ def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_
     same); limits (per row, default k) cap how many drafts a row may accept, and a row
     stopped by its limit takes its next token from the target's own distribution. Returns
     (a table on the device, per row [accepted count, draft 1 .. draft k, target token];
-    the drafts each row could accept, its useful drafts).
+    the drafts each row could accept, its useful drafts; None, or with `logprobs` n the
+    target's log-probabilities (see emitted_logprobs)).
     """
     drafts = mx.zeros((len(newest), 0), mx.int32)
     q = None
@@ -662,16 +676,35 @@ def draft_and_verify(target, drafter, cache, newest, k, delta, sampling, verify_
     limit = None if all(count == k for count in useful) else useful
     counts, tokens = verify(logits, drafts, q, limit, delta, verify_sampling or sampling)
     table = mx.concatenate([counts[:, None], drafts, tokens[:, None]], axis=1).astype(mx.int32)
+    scores = None if logprobs is None else emitted_logprobs(logits, drafts, counts, tokens, logprobs)
     # The drafter said on the host how many drafts are real: no need to send that through the device.
-    return table, useful
+    return table, useful, scores
 
 
-def settle_row(row, entry, k, drafted, left, eos):
+def emitted_logprobs(logits, drafts, counts, tokens, top):
+    """The target's log-probabilities (log-softmax of its logits, before temperature or any cut) at
+    each position a row may emit: (of the token emitted there (batch, k + 1), the `top` most likely
+    tokens (batch, k + 1, top), their log-probabilities (batch, k + 1, top)). Position i emits
+    draft i while i < count, and the target's token at count; positions past it are not emitted."""
+    scores = logits.astype(mx.float32)
+    scores = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+    positions = mx.arange(drafts.shape[1] + 1)[None]
+    padded = mx.concatenate([drafts, tokens[:, None]], axis=1)
+    emitted = mx.where(positions < counts[:, None], padded, tokens[:, None])
+    chosen = mx.take_along_axis(scores, emitted[..., None], axis=-1)[..., 0]
+    if top == 0:
+        empty = mx.zeros((*chosen.shape, 0))
+        return chosen, empty.astype(mx.int32), empty
+    best = mx.argpartition(-scores, top - 1, axis=-1)[..., :top]
+    return chosen, best.astype(mx.int32), mx.take_along_axis(scores, best, axis=-1)
+
+
+def settle_row(row, entry, k, drafted, left, eos, scores=None):
     """Count one row's step in its stats and say what it emits: its Step record.
 
     eos: the ids that end a row. Counts come from what is emitted: drafts after an accepted
     EOS were judged for nothing (the row ends there), so they count neither as drafted nor
-    as accepted.
+    as accepted. scores: this row's part of emitted_logprobs, as lists (None: not asked).
     """
     count, *proposed = entry
     emitted = proposed[:count] + proposed[k : k + 1]  # proposed[k]: the target's token after the prefix
@@ -691,7 +724,12 @@ def settle_row(row, entry, k, drafted, left, eos):
     row.generated += len(tokens)
     row.newest = tokens[-1]
     finished = len(tokens) >= left or tokens[-1] in eos
-    return Step(row.index, tokens, k, drafted, accepted, finished, 0.0, 0.0)
+    logprobs = None
+    if scores is not None and row.request.logprobs is not None:
+        chosen, best, best_scores = scores
+        logprobs = [(token, chosen[i], sorted(zip(best[i], best_scores[i]), key=lambda pair: -pair[1])
+                     [: row.request.logprobs]) for i, token in enumerate(tokens)]
+    return Step(row.index, tokens, k, drafted, accepted, finished, 0.0, 0.0, logprobs)
 
 
 def as_drafter(draft):

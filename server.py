@@ -79,7 +79,7 @@ class CompletionBody(Body):
     prompt: Union[str, list[str]]
     echo: Optional[bool] = False
     best_of: Optional[int] = refused_unless(1, why="must be 1 (one completion per request)")
-    logprobs: Optional[int] = refused_unless(0, why="is not supported yet (0 or null only)")
+    logprobs: Optional[int] = None  # each token's log-probability and the n most likely tokens' (0..20)
     suffix: Optional[str] = refused_unless("", why="is not supported (no insertion)")
 
 
@@ -101,8 +101,8 @@ class Message(BaseModel):
 
 class ChatBody(Body):
     messages: list[Message]
-    logprobs: Optional[bool] = refused_unless(False, why="is not supported yet (false or null only)")
-    top_logprobs: Optional[int] = refused_unless(0, why="is not supported yet (0 or null only)")
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None  # with logprobs: the n most likely tokens' too (0..20)
     tools: Optional[list] = refused_unless([], why="is not supported (no tool calls)")
     tool_choice: Union[str, dict, None] = refused_unless("none", why='is not supported (no tool calls): "none" only')
     functions: Optional[list] = refused_unless([], why="is not supported (no function calls)")
@@ -151,13 +151,25 @@ def chosen_settings(body, defaults, most_drafts):
     length = "max_tokens"
     if values["max_tokens"] is None and body.max_completion_tokens is not None:
         values["max_tokens"], length = body.max_completion_tokens, "max_completion_tokens"
+    values["logprobs"], logprobs = requested_logprobs(body)
     chosen = api.Settings(**{**defaults, **{k: v for k, v in values.items() if v is not None}})
     chosen.stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    problem = chosen.invalid(lambda name: length if name == "max_tokens" else name)
+    fields = {"max_tokens": length, "logprobs": logprobs}
+    problem = chosen.invalid(lambda name: fields.get(name, name))
     if problem:
         field, message = problem
-        raise BadRequest(message, param=length if field == "max_tokens" else field)
+        raise BadRequest(message, param=fields.get(field, field))
     return chosen, length
+
+
+def requested_logprobs(body):
+    """(Settings.logprobs, the field that set it): a completion's `logprobs` n, or a chat's
+    `top_logprobs` (0 if not given) where its `logprobs` is true; BadRequest for top_logprobs alone."""
+    if not isinstance(body, ChatBody):
+        return body.logprobs, "logprobs"
+    if body.top_logprobs is not None and not body.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs"
 
 
 def chat_prompt(tokenizer, messages):
@@ -279,13 +291,13 @@ def build_app(engine, defaults=None):
                 raise BadRequest("the server is shutting down", 503, "server_error") from None
             raise BadRequest(str(error), 429, "rate_limit_error",
                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
-        shape = Shape(chat, pair.name, len(ids))
         echoed = prompt if getattr(body, "echo", False) else ""
+        shape = Shape(chat, pair.name, len(ids), pair.tokenizer, len(echoed))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(stream_events(engine, index, events, shape, tracker, usage, echoed), ping=15)
         try:
-            text, checked = echoed, time.monotonic()
+            text, checked, entries = echoed, time.monotonic(), None
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
@@ -298,6 +310,8 @@ def build_app(engine, defaults=None):
                 if event is None:
                     continue
                 text += event.text
+                if event.logprobs is not None:
+                    entries = (entries or []) + event.logprobs
                 if event.error:
                     tracker.done(500)
                     return error_response(500, event.error, "server_error")
@@ -306,7 +320,8 @@ def build_app(engine, defaults=None):
                     return error_response(503, "the server shut down before the request finished", "server_error")
                 if event.finish_reason:
                     tracker.done(200, event.finish_reason)
-                    return shape.whole(text, event)
+                    # A stop string may cut tokens told of before: the response holds the usage's tokens.
+                    return shape.whole(text, event, entries and entries[: event.stats.generated])
         finally:
             engine.cancel(index)
             tracker.done(metrics.CLIENT_GONE)
@@ -321,8 +336,10 @@ DISCONNECT_POLL_SECONDS = 0.5
 class Shape:
     """OpenAI's response objects for one request: whole, and as stream chunks."""
 
-    def __init__(self, chat, model, prompt_tokens):
+    def __init__(self, chat, model, prompt_tokens, tokenizer=None, offset=0):
         self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+        self.tokenizer = tokenizer  # spells the tokens of log-probabilities
+        self.offset = offset  # characters before the next token's text (a completion's text_offset)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -338,25 +355,50 @@ class Shape:
         return {"drafted": stats.drafted, "accepted": stats.accepted, "acceptance_rate": stats.acceptance_rate,
                 "target_calls": stats.target_calls}
 
-    def whole(self, text, event):
+    def spelled(self, token):
+        return api.text_of(self.tokenizer, [token])
+
+    def logprobs(self, entries):
+        """OpenAI's logprobs object of decoder.Step.logprobs entries (None: none asked for): a chat's
+        {"content": [{token, logprob, bytes, top_logprobs}]}, a completion's {tokens, token_logprobs,
+        top_logprobs, text_offset}. A token is spelled as it decodes alone."""
+        if entries is None:
+            return None
+        if self.chat:
+            def one(token, logprob):
+                spelled = self.spelled(token)
+                return {"token": spelled, "logprob": logprob, "bytes": list(spelled.encode("utf-8"))}
+            return {"content": [{**one(token, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}
+                                for token, logprob, top in entries], "refusal": None}
+        tokens = [self.spelled(token) for token, _, _ in entries]
+        offsets = []
+        for spelled in tokens:
+            offsets.append(self.offset)
+            self.offset += len(spelled)
+        return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
+                "top_logprobs": [{self.spelled(t): lp for t, lp in top} for _, _, top in entries],
+                "text_offset": offsets}
+
+    def whole(self, text, event, entries=None):
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": event.finish_reason}
+                      "finish_reason": event.finish_reason, "logprobs": self.logprobs(entries)}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": event.finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": event.finish_reason,
+                      "logprobs": self.logprobs(entries)}
         kind = "chat.completion" if self.chat else "text_completion"
         return {**self.envelope(kind, [choice]), "usage": self.usage(event.stats),
                 "speculative": self.speculative(event.stats)}
 
-    def chunk(self, text, finish_reason=None, first=False):
+    def chunk(self, text, finish_reason=None, first=False, entries=None):
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             if finish_reason:
                 delta = {}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": self.logprobs(entries)}
             return self.envelope("chat.completion.chunk", [choice])
         return self.envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish_reason,
-                                                  "logprobs": None}])
+                                                  "logprobs": self.logprobs(entries)}])
 
     def usage_chunk(self, stats):
         """stream_options.include_usage: the last chunk, with no choices and the usage."""
@@ -379,8 +421,11 @@ async def stream_events(engine, index, events, shape, tracker, include_usage=Fal
         if echoed:
             yield sse({**shape.chunk(echoed, first=True), **usage})
             first = False
+        entries = None  # log-probabilities of tokens whose text has not gone out yet (None: not asked)
         while True:
             event = await events.get()
+            if event.logprobs is not None:
+                entries = (entries or []) + event.logprobs
             if event.error or event.finish_reason == SHUT_DOWN:
                 status = 500 if event.error else metrics.SHUTTING_DOWN
                 message = event.error or "the server shut down before the request finished"
@@ -388,10 +433,10 @@ async def stream_events(engine, index, events, shape, tracker, include_usage=Fal
                 tracker.done(status)
                 break
             if event.text or (first and shape.chat):
-                yield sse({**shape.chunk(event.text, first=first), **usage})
-                first = False
+                yield sse({**shape.chunk(event.text, first=first, entries=entries), **usage})
+                first, entries = False, entries and []
             if event.finish_reason:
-                yield sse({**shape.chunk("", event.finish_reason), **usage,
+                yield sse({**shape.chunk("", event.finish_reason, entries=entries or None), **usage,
                            "speculative": shape.speculative(event.stats)})
                 if include_usage:
                     yield sse(shape.usage_chunk(event.stats))

@@ -209,20 +209,68 @@ def test_bad_requests_get_400_naming_the_field_and_the_server_goes_on(served, lo
 # OpenAI fields this server does not honour: (endpoint, field, a value refused, a value accepted).
 REFUSED = [
     ("completions", "best_of", 2, 1),
-    ("completions", "logprobs", 1, 0),
     ("completions", "suffix", "end", ""),
     ("completions", "logit_bias", {"50": 10}, {}),
     ("completions", "presence_penalty", 0.5, 0),
     ("completions", "frequency_penalty", -1.0, 0.0),
     ("completions", "n", 3, 1),
-    ("chat/completions", "logprobs", True, False),
-    ("chat/completions", "top_logprobs", 2, 0),
     ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
     ("chat/completions", "tool_choice", "auto", "none"),
     ("chat/completions", "functions", [{"name": "f"}], []),
     ("chat/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
     ("chat/completions", "audio", {"voice": "alloy"}, None),
 ]
+
+
+def plain_logprobs(loaded, prompt, n, max_tokens=12):
+    """The target's own log-probabilities under plain decoding in this process (no draft, no server):
+    [(token, logprob, [(token, logprob)] * n)]."""
+    plain = api.Pair(loaded.target, None, loaded.tokenizer, loaded.name)
+    return api.generate(plain, prompt, max_tokens=max_tokens, logprobs=n).logprobs
+
+
+def test_completion_logprobs_are_the_targets_own(served, loaded):
+    """Speculative decoding through the server gives plain decoding's log-probabilities, whole and streamed."""
+    _, _, client = served
+    expected = plain_logprobs(loaded, PROMPTS[2], 3)
+    spell = lambda token: api.text_of(loaded.tokenizer, [token])  # noqa: E731
+    got = complete(client, loaded.name, PROMPTS[2], max_tokens=12, logprobs=3).choices[0].logprobs
+    assert got.tokens == [spell(token) for token, _, _ in expected]
+    assert got.token_logprobs == pytest.approx([logprob for _, logprob, _ in expected], abs=1e-4)
+    for top, spelled, (_, _, want) in zip(got.top_logprobs, got.tokens, expected):
+        assert sorted(top.values(), reverse=True) == pytest.approx([lp for _, lp in want], abs=1e-4)
+        assert max(top, key=top.get) == spelled  # greedy: the token given is the most likely
+    assert got.text_offset == [sum(map(len, got.tokens[:i])) for i in range(len(got.tokens))]
+    chunks = complete(client, loaded.name, PROMPTS[2], max_tokens=12, logprobs=3, stream=True)
+    streamed = [lp for chunk in chunks for choice in chunk.choices if choice.logprobs
+                for lp in choice.logprobs.token_logprobs]
+    assert streamed == pytest.approx(got.token_logprobs, abs=1e-4)
+
+
+def test_chat_logprobs_are_the_targets_own(served, loaded):
+    _, _, client = served
+    messages = [{"role": "user", "content": "Sort the rows"}]
+    text, special = server.chat_prompt(loaded.tokenizer, [server.Message(**m) for m in messages])
+    expected = plain_logprobs(loaded, api.encode_text(loaded.tokenizer, text, add_special_tokens=special), 2)
+    reply = client.chat.completions.create(model=loaded.name, messages=messages, max_tokens=12, logprobs=True,
+                                           top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert [entry.logprob for entry in content] == pytest.approx([lp for _, lp, _ in expected], abs=1e-4)
+    for entry, (token, _, top) in zip(content, expected):
+        assert entry.token == api.text_of(loaded.tokenizer, [token]) and bytes(entry.bytes) == entry.token.encode()
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([lp for _, lp in top], abs=1e-4)
+    plain = client.chat.completions.create(model=loaded.name, messages=messages, max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("endpoint, fields, param", [
+    ("completions", {"logprobs": 21}, "logprobs"), ("completions", {"logprobs": -1}, "logprobs"),
+    ("chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs")])
+def test_logprobs_out_of_range_are_400s_naming_the_field(served, loaded, endpoint, fields, param):
+    _, url, _ = served
+    reply = httpx.post(f"{url}/v1/{endpoint}", json=request_body(loaded, endpoint, **fields))
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
 
 
 def request_body(loaded, endpoint, **fields):
