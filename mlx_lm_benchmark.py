@@ -10,6 +10,9 @@ folder), written as Hugging Face checkpoints, converted once by convert.py and o
 interleave the settings (each round in another order), and the table gives the median
 tokens/s over rounds and the ratio to the project's default. Every setting's tokens must equal
 plain decoding's (mlx-lm's own stop at the first EOS, as the project's do), or the run fails.
+The project's default is main.py's: the adaptive schedule starting from the step costs an
+earlier run kept (here the warm-up's, in a file of this run's own); "nothing kept" is a user's
+very first run.
 """
 
 import cpu_blas  # noqa: I001  (binds MKL or OpenBLAS before MLX loads on Linux)
@@ -17,16 +20,20 @@ import cpu_blas  # noqa: I001  (binds MKL or OpenBLAS before MLX loads on Linux)
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 from tabulate import tabulate
 
 import api
 import benchmark
+import calibration
 import cli
 import decoder
 import files
+import policy
 
 
 def build_parser():
@@ -65,8 +72,26 @@ def mlx_lm_tokens(steps, eos_token_ids, max_tokens):
     return tokens
 
 
-def settings(args, pair):
-    """name -> function(prompt ids) -> tokens, for every setting timed."""
+def default_schedule(target, draft, n, fields, costs_file):
+    """main.py's default on these folders, as a function(prompts) -> tokens per prompt: the adaptive
+    schedule (cap 5), one policy over the run's prompts, starting from the step costs kept for them in
+    `costs_file` and writing back what it measured; with `fields` None, a first run (nothing kept)."""
+
+    def run(prompts):
+        chosen = (calibration.adaptive_policy(5, fields, costs_file) if fields is not None
+                  else policy.AdaptivePolicy(5))
+        outputs = [list(decoder.speculative_generate(target, draft, ids, n, schedule=chosen)) for ids in prompts]
+        if fields is not None:
+            calibration.remember(chosen, fields, costs_file)
+        return outputs
+
+    return run
+
+
+def settings(args, pair, costs_file):
+    """name -> function(prompts) -> tokens per prompt, for every setting timed. The project's default
+    keeps its step costs in `costs_file` (the warm-up's run keeps them for the rounds, as a user's
+    first run does for the next), never in the user's own file."""
     from mlx_lm.generate import generate_step, speculative_generate_step
     from mlx_lm.utils import load_model
 
@@ -77,23 +102,26 @@ def settings(args, pair):
     n, k, eos = args.max_tokens, args.num_draft_tokens, own[0].eos_token_ids
     greedy = lambda logits: mx.argmax(logits, axis=-1)  # noqa: E731
     rows = {}
-    for label, (target, draft, _) in (("own family", own), ("mlx-lm folder", wrapped)):
-        rows[f"{label}: plain"] = lambda ids, t=target: list(decoder.generate(t, ids, n))
-        rows[f"{label}: speculative, default"] = lambda ids, t=target, d=draft: list(
-            decoder.speculative_generate(t, d, ids, n))
-        rows[f"{label}: speculative, constant k {k}"] = lambda ids, t=target, d=draft: list(
-            decoder.speculative_generate(t, d, ids, n, num_draft=k, schedule="constant"))
-    rows["mlx_lm: plain"] = lambda ids: mlx_lm_tokens(
-        generate_step(mx.array(ids), theirs[0], max_tokens=n, sampler=greedy), eos, n)
-    rows[f"mlx_lm: speculative, num_draft_tokens {k}"] = lambda ids: mlx_lm_tokens(
+    each = lambda one: lambda prompts: [one(ids) for ids in prompts]  # noqa: E731
+    for label, (target, draft, _), where in (("own family", own, (pair["target"], pair["draft"])),
+                                             ("mlx-lm folder", wrapped, (folders["target"], folders["draft"]))):
+        fields = calibration.identity(*where, 1)
+        rows[f"{label}: plain"] = each(lambda ids, t=target: list(decoder.generate(t, ids, n)))
+        rows[f"{label}: speculative, default"] = default_schedule(target, draft, n, fields, costs_file)
+        rows[f"{label}: speculative, default, nothing kept"] = default_schedule(target, draft, n, None, costs_file)
+        rows[f"{label}: speculative, constant k {k}"] = each(lambda ids, t=target, d=draft: list(
+            decoder.speculative_generate(t, d, ids, n, num_draft=k, schedule="constant")))
+    rows["mlx_lm: plain"] = each(lambda ids: mlx_lm_tokens(
+        generate_step(mx.array(ids), theirs[0], max_tokens=n, sampler=greedy), eos, n))
+    rows[f"mlx_lm: speculative, num_draft_tokens {k}"] = each(lambda ids: mlx_lm_tokens(
         speculative_generate_step(mx.array(ids), theirs[0], theirs[1], num_draft_tokens=k, max_tokens=n,
-                                  sampler=greedy), eos, n)
+                                  sampler=greedy), eos, n))
     return rows, own[2]
 
 
 def timed(run, prompts):
-    """(tokens/s, the tokens) of decoding every prompt in turn."""
-    began, outputs = time.perf_counter(), [run(ids) for ids in prompts]
+    """(tokens/s, the tokens) of decoding the prompts."""
+    began, outputs = time.perf_counter(), run(prompts)
     return sum(map(len, outputs)) / (time.perf_counter() - began), outputs
 
 
@@ -101,8 +129,8 @@ def measure(rows, prompts, rounds):
     """name -> tokens/s per round; each round runs every setting, in an order that rotates."""
     names = list(rows)
     speeds, reference = {name: [] for name in names}, None
-    for name in names:  # warm-up: compile and page in every path once
-        rows[name](prompts[0])
+    for name in names:  # warm-up: compile and page in every path once (the default keeps its step costs)
+        rows[name](prompts)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             speed, outputs = timed(rows[name], prompts)
@@ -125,9 +153,10 @@ def main(argv=None):
     if min(args.max_tokens, args.rounds, args.num_draft_tokens, args.layers) < 1:
         cli.fail("--max-tokens, --rounds, --num-draft-tokens and --layers must each be at least 1")
     pair = benchmark.synthetic_pair(args.eps, args.layers, args.d_model, "llama")
-    rows, tokenizer = settings(args, pair)
-    prompts = [tokenizer(p).input_ids for p in benchmark.PROMPTS]
-    speeds = measure(rows, prompts, args.rounds)
+    with tempfile.TemporaryDirectory() as kept:
+        rows, tokenizer = settings(args, pair, Path(kept) / "step-costs.json")
+        prompts = [tokenizer(p).input_ids for p in benchmark.PROMPTS]
+        speeds = measure(rows, prompts, args.rounds)
     print(f"Llama pair eps {args.eps}, {args.layers} target layers, d_model {args.d_model}; {len(prompts)} prompts x "
           f"{args.max_tokens} tokens, greedy, {args.rounds} interleaved rounds, BLAS {cpu_blas.LOADED}")
     print(table(speeds))

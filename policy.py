@@ -245,6 +245,9 @@ class AdaptivePolicy:
     probe_after = 32  # plain steps in a row before one draft token is tried again ...
     probe_after_most = 512  # ... a gap that doubles each time that draft is rejected, up to this
     refresh_every = 16  # steps between timings of a neighbour of the best k, whose cost would go stale
+    # Drafts judged (pooled) before a calibrated run that knows no acceptance lets plain steps win:
+    # from the prior alone, one early rejection would send it plain until the next probe, 32 steps on.
+    judge_first = 8
     explored = 3  # ks 0 .. explored - 1 are timed first where no calibration predicts them
 
     def __init__(self, num_draft, costs=None, pooled=None):
@@ -282,6 +285,10 @@ class AdaptivePolicy:
 
         def could_pay(k):
             return k in rates and batch * (k + 1) / seconds[k] > rates[best]
+
+        judged = max([self.pooled[1]] + [self.rows.get(row, (0.0, 0.0))[1] for row in rows])
+        if best == 0 and judged < self.judge_first and self.costs.calibrated(batch) and could_pay(1):
+            return 1  # too few drafts judged to say that drafting cannot pay: judge one more
 
         self.plain_streak = self.plain_streak + 1 if best == 0 else 0
         if self.plain_streak > self.probe_gap and cap > 0:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from tabulate import tabulate
 
+import calibration
 import cli
 import decoder
 import drafters
@@ -125,13 +126,28 @@ def record(target, draft, prompt_ids, max_tokens, num_draft):
                  step_costs(target, draft, prompt_ids, max_tokens, num_draft))
 
 
+SEEDS_APART = 10_000  # a later run draws other step times than the first
+
+
+def later_run(trace, num_draft, seed):
+    """Tokens per second of the adaptive schedule on a user's second run: it starts from what a first
+    run on the trace kept (calibration.learned: its step costs and pooled acceptance), as main.py does."""
+    first = policy.AdaptivePolicy(num_draft)
+    replay(first, trace, seed)
+    costs, pooled = calibration.learned(first, 1)
+    second = calibration.starting_from(num_draft, 1, costs, pooled) if costs else policy.AdaptivePolicy(num_draft)
+    return replay(second, trace, seed + SEEDS_APART)
+
+
 def compare(trace, num_draft, seeds=20):
-    """[(setting, median tok/s over seeds, / plain, / best constant)] for plain, each constant k
-    and the adaptive schedule (uncalibrated)."""
-    settings = [("plain", lambda: policy.ConstantPolicy(0))]
-    settings += [(f"g {k}", lambda k=k: policy.ConstantPolicy(k)) for k in range(1, num_draft + 1) if k in trace.costs]
-    settings += [("adaptive", lambda: policy.AdaptivePolicy(num_draft))]
-    rates = {name: statistics.median(replay(make(), trace, seed) for seed in range(seeds)) for name, make in settings}
+    """[(setting, median tok/s over seeds, / plain, / best constant)] for plain, each constant k and
+    the adaptive schedule, on a first run (nothing kept) and on a later one (`later_run`)."""
+    settings = [("plain", lambda seed: replay(policy.ConstantPolicy(0), trace, seed))]
+    settings += [(f"g {k}", lambda seed, k=k: replay(policy.ConstantPolicy(k), trace, seed))
+                 for k in range(1, num_draft + 1) if k in trace.costs]
+    settings += [("adaptive", lambda seed: replay(policy.AdaptivePolicy(num_draft), trace, seed)),
+                 ("adaptive, later run", lambda seed: later_run(trace, num_draft, seed))]
+    rates = {name: statistics.median(run(seed) for seed in range(seeds)) for name, run in settings}
     best = max(rate for name, rate in rates.items() if name.startswith("g "))
     return [(name, rate, rate / rates["plain"], rate / best) for name, rate in rates.items()]
 
