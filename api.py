@@ -171,12 +171,14 @@ MOST_LOGPROBS = 20
 class Settings:
     """How one prompt is decoded.
 
-    max_tokens: tokens at most; temperature 0 is greedy, else sampling after top_k (0: all)
-    and top_p; seed: the row's own random stream (None: MLX's global generator); stop:
+    max_tokens: tokens at most; temperature 0 is greedy, else sampling after top_k (0: all),
+    top_p and min_p (0: none); seed: the row's own random stream (None: MLX's global generator); stop:
     strings that end the text (left out of it); delta: acceptance relaxation in [0, 1];
     num_draft: drafts per step at most; schedule: 'adaptive' or 'constant' (the engine
     has one schedule for all rows); logprobs: None, or n in 0..20 for each token's
-    log-probability under the target and the n most likely tokens' (decoder.Step.logprobs).
+    log-probability under the target and the n most likely tokens' (decoder.Step.logprobs);
+    logit_bias ({token id: value in [-100, 100]} added to its logit), presence_penalty and
+    frequency_penalty (in [-2, 2]) as OpenAI's (sampling.Sampling).
     """
 
     max_tokens: int = 100
@@ -189,6 +191,10 @@ class Settings:
     num_draft: int = 5
     schedule: str = "adaptive"
     logprobs: int = None
+    logit_bias: dict = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
 
     def problem(self, name=str):
         """The first value out of range as one line, or None; name(field) spells a field (e.g. as a flag)."""
@@ -203,6 +209,7 @@ class Settings:
             ("temperature", 0.0 <= self.temperature < math.inf,
              f"{name('temperature')} must be finite and not negative, got {self.temperature}"),
             ("top_p", 0.0 < self.top_p <= 1.0, f"{name('top_p')} must lie in (0, 1], got {self.top_p}"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, f"{name('min_p')} must lie in [0, 1], got {self.min_p}"),
             ("top_k", self.top_k >= 0, f"{name('top_k')} must not be negative, got {self.top_k}"),
             ("max_tokens", self.max_tokens >= 1, f"{name('max_tokens')} must be at least 1, got {self.max_tokens}"),
             ("seed", self.seed is None or 0 <= self.seed < 2**64,
@@ -210,12 +217,20 @@ class Settings:
             ("schedule", self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MOST_LOGPROBS,
              f"{name('logprobs')} must lie in [0, {MOST_LOGPROBS}], got {self.logprobs}"),
+            ("logit_bias", all(isinstance(t, int) and t >= 0 and -100 <= b <= 100
+                               for t, b in (self.logit_bias or {}).items()),
+             f"{name('logit_bias')} must map token ids to values in [-100, 100]"),
+            *((penalty, -2.0 <= getattr(self, penalty) <= 2.0,
+               f"{name(penalty)} must lie in [-2, 2], got {getattr(self, penalty)}")
+              for penalty in ("presence_penalty", "frequency_penalty")),
         ]
         return next(((field, message) for field, ok, message in rules if not ok), None)
 
     @property
     def sampling(self):
-        return decoder.Sampling(self.temperature, self.top_k, self.top_p)
+        return decoder.Sampling(self.temperature, self.top_k, self.top_p, logit_bias=self.logit_bias,
+                                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                                min_p=self.min_p)
 
 
 def settings(**values):
@@ -407,6 +422,7 @@ def request(pair, prompt, chosen, stats=None, max_context=None):
     problem = chosen.problem()
     if problem:
         raise UsageError(problem)
+    check_ids(list(chosen.logit_bias or {}), pair.target.vocab_size, "logit_bias")
     if isinstance(prompt, str):
         ids = encode(pair, prompt, chosen.max_tokens, max_context=max_context)
     else:

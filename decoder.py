@@ -14,7 +14,7 @@ import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import mlx.core as mx
@@ -22,7 +22,8 @@ import numpy as np
 
 from drafters import ModelDrafter
 from policy import make_policy
-from sampling import Sampling, choose, distribution, sample, split_rows, uniform  # noqa: F401  (part of this module's interface)
+from sampling import (  # noqa: F401  (part of this module's interface)
+    Sampling, adjusted, choose, distribution, sample, split_rows, uniform)
 
 
 class DecoderCache(Protocol):
@@ -212,6 +213,7 @@ def verify(logits, drafts, q, limit, delta, sampling):
     Greedy rows are verified greedily and sampled rows by sampling, in one batch.
     """
     limit = None if limit is None else mx.array(limit)
+    logits = adjusted(logits, sampling, drafts)
     greedy = sampling.greedy_rows
     if np.all(greedy):
         return greedy_accept(logits, drafts, delta, limit)
@@ -352,6 +354,7 @@ class Row:
     began: float
     key: object = None
     generated: int = 0
+    output: list = field(default_factory=list)  # its tokens so far (penalties count them)
 
     @property
     def index(self):
@@ -485,6 +488,11 @@ class Batch:
         return [min(policy.num_draft if row.request.num_draft is None else row.request.num_draft, left - 1)
                 for row, left in zip(self.rows, remaining)]
 
+    def penalised(self):
+        """Whether a row has a presence or frequency penalty (its next step depends on this one's tokens)."""
+        return any(row.request.sampling.presence_penalty or row.request.sampling.frequency_penalty
+                   for row in self.rows)
+
     def logprobs(self):
         """The most likely tokens' count the rows ask log-probabilities of (None: no row asks)."""
         wanted = [row.request.logprobs for row in self.rows if row.request.logprobs is not None]
@@ -497,7 +505,8 @@ class Batch:
 
     def sampling(self):
         """(the drafter's, the verifier's) Sampling of this step, per row, with fresh random keys where rows have them."""
-        settings = Sampling.of_rows([row.request.sampling for row in self.rows])
+        settings = Sampling.of_rows([row.request.sampling for row in self.rows],
+                                    outputs=[row.output for row in self.rows], vocab=self.target.vocab_size)
         if all(row.key is None for row in self.rows) or settings.greedy:
             return settings, settings
         for row in self.rows:
@@ -506,7 +515,7 @@ class Batch:
         keys = split_rows(mx.stack([row.key for row in self.rows]), 3)
         for row, next_key in zip(self.rows, keys[:, 0]):
             row.key = next_key
-        draft, verify_ = (Sampling(settings.temperature, settings.top_k, settings.top_p, keys[:, i]) for i in (1, 2))
+        draft, verify_ = (replace(settings, keys=keys[:, i]) for i in (1, 2))
         return draft, verify_
 
 
@@ -557,7 +566,8 @@ def speculative_steps(
                                         verify_sampling, limits, logprobs)
         table, drafted, scores = launched
         queued = keys_before = None
-        if k == 0 and pipelined and min(remaining) > 1 and not batch.joining() and not chain.full(len(rows)):
+        if (k == 0 and pipelined and min(remaining) > 1 and not batch.joining() and not chain.full(len(rows))
+                and not batch.penalised()):
             # As plain decoding does: a plain step waits on no draft, so the next step is chosen now
             # and, if plain too, queued before this one is read, and the device never idles.
             upcoming = choose_k(drafter, policy, rows, batch.limits(policy, [left - 1 for left in remaining]))
@@ -722,6 +732,7 @@ def settle_row(row, entry, k, drafted, left, eos, scores=None):
     row.stats.accepted += accepted
     row.stats.generated += len(tokens)
     row.generated += len(tokens)
+    row.output += tokens
     row.newest = tokens[-1]
     finished = len(tokens) >= left or tokens[-1] in eos
     logprobs = None

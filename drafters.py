@@ -16,7 +16,7 @@ import cpu_blas  # noqa: F401  (binds MKL or OpenBLAS before MLX loads on Linux)
 import mlx.core as mx
 import numpy as np
 
-from sampling import distribution, position_keys, sample
+from sampling import adjusted, distribution, position_keys, sample
 
 
 def left_padded(sequences):
@@ -66,7 +66,7 @@ class ModelDrafter:
         keys = position_keys(sampling.keys, k) if k and sampling.keys is not None else None
         greedy = sampling.greedy_rows
         for i in range(k):
-            logits = self.model.decode(inputs, self.cache, padding)[:, -1]
+            logits = adjusted(self.model.decode(inputs, self.cache, padding)[:, -1], sampling)
             padding = None
             if sampling.greedy:
                 token = mx.argmax(logits, axis=-1)
@@ -79,6 +79,7 @@ class ModelDrafter:
             mx.async_eval(token)
             tokens.append(token)
             inputs = token[:, None]
+            sampling = sampling.seen(token)  # the next draft is penalised for this one too
         return mx.stack(tokens, axis=1), (mx.stack(dists, axis=1) if dists else None), None
 
     def settle(self, newest, k, accepted, proposed, verdicts):

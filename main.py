@@ -88,6 +88,8 @@ def build_parser():
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set of mass top-p")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="then keep the tokens at least min-p times as likely as the most likely one")
     parser.add_argument("--seed", type=int, default=0, help="random seed: sampling reproduces with --draft-schedule constant")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--regular-decode", action="store_true", help="plain decoding with the target only")
@@ -100,10 +102,16 @@ def build_parser():
     return parser
 
 
+def decoding_settings(args):
+    """The api.Settings the flags give (checked as the server checks a request's)."""
+    return api.Settings(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, min_p=args.min_p, seed=args.seed, delta=args.delta,
+                        num_draft=args.num_draft, schedule=args.draft_schedule)
+
+
 def check(args):
     """Raise UsageError for the first value out of range."""
-    problem = api.Settings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed, [], args.delta,
-                           args.num_draft, args.draft_schedule).problem(lambda name: "--" + name.replace("_", "-"))
+    problem = decoding_settings(args).problem(lambda name: "--" + name.replace("_", "-"))
     require([
         (args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both"),
         (args.model.strip() and args.draft_model.strip(), "--model and --draft-model must not be empty"),
@@ -140,7 +148,7 @@ def require_default_models(args):
 def step_events(args, target, draft, prompt_ids, stats, chosen, indices):
     """decoder.Step records (prompt index, tokens, finished, ...) as decided by the step policy `chosen`,
     for the prompts `indices` (all of them, or this rank's share under mlx.launch)."""
-    sampling = decoder.Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = decoding_settings(args).sampling
     drafter = decoder.as_drafter(draft)
     if args.batch_size == 1:
         # One prompt at a time, each from a seed of its own: a prompt's sample does not depend

@@ -61,6 +61,7 @@ class Body(BaseModel):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
+    min_p: Optional[float] = None
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: Optional[bool] = False
@@ -69,9 +70,9 @@ class Body(BaseModel):
     num_draft: Optional[int] = None
     delta: Optional[float] = None
     n: Optional[int] = refused_unless(1, why="must be 1 (one completion per request)")
-    logit_bias: Optional[dict[str, float]] = refused_unless({}, why="is not supported yet ({} or null only)")
-    presence_penalty: Optional[float] = refused_unless(0, why="is not supported yet (0 or null only)")
-    frequency_penalty: Optional[float] = refused_unless(0, why="is not supported yet (0 or null only)")
+    logit_bias: Optional[dict[str, float]] = None  # {token id as a string: added to its logit}
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
     response_format: Optional[dict] = refused_unless({"type": "text"}, why='must be {"type": "text"}: no JSON mode')
 
 
@@ -147,7 +148,8 @@ def chosen_settings(body, defaults, most_drafts):
         raise BadRequest(f"num_draft must be at most {most_drafts} (the server's --num-draft), got {body.num_draft}",
                          param="num_draft")
     values = {name: getattr(body, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "delta",
-                                                     "num_draft")}
+                                                     "num_draft", "presence_penalty", "frequency_penalty", "min_p")}
+    values["logit_bias"] = token_biases(body.logit_bias)
     length = "max_tokens"
     if values["max_tokens"] is None and body.max_completion_tokens is not None:
         values["max_tokens"], length = body.max_completion_tokens, "max_completion_tokens"
@@ -160,6 +162,16 @@ def chosen_settings(body, defaults, most_drafts):
         field, message = problem
         raise BadRequest(message, param=fields.get(field, field))
     return chosen, length
+
+
+def token_biases(logit_bias):
+    """{token id: bias} of a request's logit_bias, whose keys are token ids written as strings; BadRequest else."""
+    if logit_bias is None:
+        return None
+    bad = next((key for key in logit_bias if not key.isdecimal()), None)
+    if bad is not None:
+        raise BadRequest(f"logit_bias keys must be token ids, got {bad[:40]!r}", param="logit_bias")
+    return {int(key): value for key, value in logit_bias.items()}
 
 
 def requested_logprobs(body):

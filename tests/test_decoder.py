@@ -158,8 +158,9 @@ def test_eos_inside_a_draft_stops_decoding(pairs, position):
 # ----- sampling -------------------------------------------------------------------------
 
 
-def reference_distribution(logits, temperature, top_k, top_p):
-    """numpy: softmax(logits / t), then keep the top k, then the smallest set of mass top_p."""
+def reference_distribution(logits, temperature, top_k, top_p, min_p=0.0):
+    """numpy: softmax(logits / t), then keep the top k, then the smallest set of mass top_p, then the
+    tokens at least min_p times as likely as the most likely."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     if top_k:
         z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
@@ -172,18 +173,36 @@ def reference_distribution(logits, temperature, top_k, top_p):
         keep[order[before < top_p]] = True
         p = np.where(keep, p, 0.0)
         p /= p.sum()
+    if min_p > 0:
+        p = np.where(p < min_p * p.max(), 0.0, p)
+        p /= p.sum()
     return p
 
 
-SETTINGS = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.8), (1.5, 5, 0.9)]
+SETTINGS = [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 4, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.5, 5, 0.9, 0.0),
+            (1.0, 0, 1.0, 0.2), (1.3, 6, 0.95, 0.1)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
-def test_distribution_matches_reference(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SETTINGS)
+def test_distribution_matches_reference(temperature, top_k, top_p, min_p):
     logits = np.random.default_rng(0).normal(size=(3, 10)) * 2
-    ours = np.asarray(decoder.distribution(mx.array(logits, dtype=mx.float32), decoder.Sampling(temperature, top_k, top_p)))
+    ours = np.asarray(decoder.distribution(mx.array(logits, dtype=mx.float32),
+                                           decoder.Sampling(temperature, top_k, top_p, min_p=min_p)))
     for row in range(3):
-        np.testing.assert_allclose(ours[row], reference_distribution(logits[row], temperature, top_k, top_p), atol=1e-6)
+        want = reference_distribution(logits[row], temperature, top_k, top_p, min_p)
+        np.testing.assert_allclose(ours[row], want, atol=1e-6)
+    if min_p and not top_k:  # the cut does something here (behind top-k it may not)
+        assert (ours == 0).sum() > (np.asarray(decoder.distribution(
+            mx.array(logits, dtype=mx.float32), decoder.Sampling(temperature, top_k, top_p))) == 0).sum()
+
+
+def test_min_p_per_row():
+    """Rows of one batch with their own min_p each get their own cut."""
+    logits = np.random.default_rng(2).normal(size=(3, 12)) * 2
+    rows = [decoder.Sampling(1.0, min_p=m) for m in (0.0, 0.3, 0.05)]
+    ours = np.asarray(decoder.distribution(mx.array(logits, dtype=mx.float32), decoder.Sampling.of_rows(rows)))
+    for row, m in enumerate((0.0, 0.3, 0.05)):
+        np.testing.assert_allclose(ours[row], reference_distribution(logits[row], 1.0, 0, 1.0, m), atol=1e-6)
 
 
 def assert_follows(samples, expected, sigmas=5.0):
@@ -194,11 +213,11 @@ def assert_follows(samples, expected, sigmas=5.0):
     assert np.all(np.abs(frequency - expected) <= bound), (frequency.round(3), expected.round(3))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
-def test_acceptance_step_yields_the_target_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SETTINGS)
+def test_acceptance_step_yields_the_target_distribution(temperature, top_k, top_p, min_p):
     """Draft x ~ q, then accept or resample: the emitted token is distributed as p."""
     rng = np.random.default_rng(1)
-    sampling = decoder.Sampling(temperature, top_k, top_p)
+    sampling = decoder.Sampling(temperature, top_k, top_p, min_p=min_p)
     target_logits = mx.array(rng.normal(size=(2, 8)) * 1.5, dtype=mx.float32)  # positions 0 and 1
     draft_logits = mx.array(rng.normal(size=(1, 8)) * 1.5, dtype=mx.float32)
     p, q = decoder.distribution(target_logits, sampling), decoder.distribution(draft_logits, sampling)
@@ -209,7 +228,7 @@ def test_acceptance_step_yields_the_target_distribution(temperature, top_k, top_
         count, token = decoder.sampled_accept(p[None], q[None], x[None], 0.0, key=accept_key)
         emitted.append(mx.where(count[0] == 1, x[0], token[0]))
     samples = np.array(mx.stack(emitted)).astype(np.int64)
-    expected = reference_distribution(np.asarray(target_logits[0]), temperature, top_k, top_p)
+    expected = reference_distribution(np.asarray(target_logits[0]), temperature, top_k, top_p, min_p)
     assert_follows(samples, expected)
 
 

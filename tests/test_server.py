@@ -210,9 +210,6 @@ def test_bad_requests_get_400_naming_the_field_and_the_server_goes_on(served, lo
 REFUSED = [
     ("completions", "best_of", 2, 1),
     ("completions", "suffix", "end", ""),
-    ("completions", "logit_bias", {"50": 10}, {}),
-    ("completions", "presence_penalty", 0.5, 0),
-    ("completions", "frequency_penalty", -1.0, 0.0),
     ("completions", "n", 3, 1),
     ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
     ("chat/completions", "tool_choice", "auto", "none"),
@@ -263,11 +260,31 @@ def test_chat_logprobs_are_the_targets_own(served, loaded):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
+def test_bias_and_penalties_give_plain_decodings_output(served, loaded):
+    """Through the server (a draft, batching) as plain decoding with the same settings gives it here."""
+    _, _, client = served
+    plain = api.Pair(loaded.target, None, loaded.tokenizer, loaded.name)
+    first = api.generate(plain, PROMPTS[1], max_tokens=1).tokens[0]
+    for fields in [dict(logit_bias={str(first): -100}), dict(presence_penalty=1.5, frequency_penalty=0.5),
+                   dict(logit_bias={"7": 3.0}, frequency_penalty=-0.5)]:
+        want = api.generate(plain, PROMPTS[1], max_tokens=12, **{
+            **fields, "logit_bias": {int(t): b for t, b in fields.get("logit_bias", {}).items()} or None})
+        assert complete(client, loaded.name, PROMPTS[1], max_tokens=12, **fields).choices[0].text == want.text
+    messages = [{"role": "user", "content": "Sort the rows"}]
+    chat = client.chat.completions.create(model=loaded.name, messages=messages, max_tokens=8,
+                                          logit_bias={str(first): -100})
+    assert chat.choices[0].message.content is not None
+
+
 @pytest.mark.parametrize("endpoint, fields, param", [
+    ("completions", {"logit_bias": {"x1": 1}}, "logit_bias"), ("completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("chat/completions", {"frequency_penalty": -2.5}, "frequency_penalty"),
     ("completions", {"logprobs": 21}, "logprobs"), ("completions", {"logprobs": -1}, "logprobs"),
     ("chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat/completions", {"top_logprobs": 2}, "top_logprobs")])
-def test_logprobs_out_of_range_are_400s_naming_the_field(served, loaded, endpoint, fields, param):
+def test_fields_out_of_range_are_400s_naming_the_field(served, loaded, endpoint, fields, param):
     _, url, _ = served
     reply = httpx.post(f"{url}/v1/{endpoint}", json=request_body(loaded, endpoint, **fields))
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
