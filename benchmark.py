@@ -47,6 +47,7 @@ import drafters
 import model
 import policy
 import quality
+import simulate
 import synthetic
 from files import write_atomically
 from main import UsageError, guarded, load_models, read_prompt_file, require, require_models, text_of
@@ -128,6 +129,9 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", metavar="FILE.md",
                         help="also write the report with every column and the legend, as markdown tables")
     parser.add_argument("--plot", help="draw speedup and acceptance against g into this PNG (matplotlib)")
+    parser.add_argument("--trace", metavar="FILE.json",
+                        help="also record the pair's trace for simulate.py replay (per-position agreement, step "
+                             "costs of k 0 .. the largest --num-draft); with several --eps, one file each")
     parser.add_argument("--eps", type=float, nargs="+",
                         help="synthetic pair: how far the target strays from the draft (the scale of its extra "
                              "layers; 0 is the draft's own function); several values sweep them "
@@ -181,6 +185,7 @@ def check(args):
         (writable(args.json), f"--json: no folder for {args.json}"),
         (writable(args.plot), f"--plot: no folder for {args.plot}"),
         (writable(args.markdown), f"--markdown: no folder for {args.markdown}"),
+        (writable(args.trace), f"--trace: no folder for {args.trace}"),
     ])
     if args.plot:
         try:
@@ -918,6 +923,8 @@ def run_one(args, prompts, eps, progress, evaluation=None):
                                memory_limit_bytes=scorer.memory_limit)
     results.update(benchmark_pair(args, target, draft, prompt_ids, sampling, progress, scorer,
                                   lambda tokens: text_of(tokenizer, tokens)))
+    if args.trace:
+        write_trace(args, eps, simulate.record(target, draft, prompt_ids, args.max_tokens, max(args.num_draft)))
     if args.batch_size:
         results["batches"] = benchmark_batches(args, target, draft, prompt_ids, results["best_num_draft"], sampling,
                                                progress)
@@ -929,6 +936,14 @@ def run_one(args, prompts, eps, progress, evaluation=None):
         results["hf"] = benchmark_hf(args, sources, prompt_ids, results["best_num_draft"], progress)
         results["seconds_with_hf"] = time.perf_counter() - began
     return results
+
+
+def write_trace(args, eps, trace):
+    """Write a pair's simulate.Trace to --trace's file (its name gains -eps<eps> where --eps names several)."""
+    path = Path(args.trace)
+    if len(args.eps) > 1:
+        path = path.with_name(f"{path.stem}-eps{eps}{path.suffix}")
+    write_atomically(path, "w", lambda f: json.dump(trace.as_json(), f))
 
 
 def parameters(folder):

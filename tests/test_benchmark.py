@@ -29,7 +29,8 @@ def test_small_run_reports_consistent_rows(tmp_path):
     out, picture, report = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
     plot = ["--plot", picture] if benchmark.find_spec("matplotlib") else []
     result = run_benchmark(*TINY, "--num-draft", "3", "1", "--batch-size", "1", "3", "--delta", "0", "0.5",
-                           "--prompt-lookup", "--json", out, "--markdown", report, *plot)
+                           "--prompt-lookup", "--json", out, "--markdown", report, "--trace", tmp_path / "trace.json",
+                           *plot)
     assert result.returncode == 0, result.stderr
     # The terminal gets the narrow table; --markdown every column and the legend.
     assert "Output check: OK" in result.stdout and "1 repeat (medians)" in result.stdout
@@ -39,6 +40,11 @@ def test_small_run_reports_consistent_rows(tmp_path):
     assert "| setting " in markdown and "target-pass speedup =" in markdown and "Output check: OK" in markdown
     results = json.loads(out.read_text())
     assert not list(tmp_path.glob("*.tmp"))
+    # The trace: a position per plain token, step costs of k 0 to 3; simulate.py replays it.
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert sum(map(len, trace["agreement"])) == results["plain"]["tokens"] and sorted(trace["costs"]) == list("0123")
+    replayed = run_script("simulate.py", "replay", tmp_path / "trace.json", "--num-draft", 3, "--seeds", 2)
+    assert replayed.returncode == 0 and "adaptive, later run" in replayed.stdout, replayed.stderr
     rows, c = results["speculative"], results["cost_ratio"]
     assert [r["label"] for r in rows] == ["g 1", "g 3", "adaptive", "adaptive, delta 0.5", "prompt lookup"]
     assert results["outputs_identical"] is True and results["repeats"] == 1
