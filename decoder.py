@@ -60,7 +60,13 @@ class LanguageModel(Protocol):
 
 
 class Drafter(Protocol):
-    """Who proposes the drafts (drafters.py: a draft model, or prompt lookup)."""
+    """Who proposes the drafts (drafters.py: a draft model, or prompt lookup).
+
+    reads_the_text: whether its proposals depend on the tokens the host read last step (then no
+    plain step is queued ahead of the read; a drafter that does not say is taken to).
+    """
+
+    reads_the_text: bool
 
     def start(self, prompts: list, firsts: list) -> None: ...
 
@@ -545,8 +551,8 @@ def speculative_steps(
         stats = stats if stats is not None else [Stats() for _ in prompts]
         queue = RequestQueue(Request(ids, max_tokens, sampling, delta, stats=s) for ids, s in zip(prompts, stats))
     batch = Batch(target, drafter, queue, batch_size)
-    # Prompt lookup proposes from the text so far, so its next step waits for this one's read.
-    pipelined = drafter is None or isinstance(drafter, ModelDrafter)
+    # A drafter that proposes from the text so far (prompt lookup) makes the next step wait for this one's read.
+    pipelined = drafter is None or not getattr(drafter, "reads_the_text", True)
     queued = None  # (k, its launched pass or None): the step after a plain one, chosen before that one's read
     chain = PlainChain(policy if drafter is not None else None)
     while batch.rows or batch.pending:

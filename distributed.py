@@ -42,7 +42,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-import cli
 import decoder
 import model
 import synthetic
@@ -460,7 +459,7 @@ def serve_target(path_or_name, group, dtype=None):
         path = model.resolve(path_or_name)
         part = model.load_model(path, dtype, parts(path, group)[group.rank])
     except model.LoadError as error:
-        cli.fail(f"rank {group.rank}: {error}")
+        raise model.LoadError(f"rank {group.rank}: {error}") from None
     serve(part, group)
     group.close()
 

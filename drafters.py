@@ -35,6 +35,8 @@ class ModelDrafter:
     fed the draft its own last proposal, and a plain step (k 0) does not run the draft.
     """
 
+    reads_the_text = False  # it drafts from its own cache: a plain step's successor may be queued before its read
+
     def __init__(self, model):
         self.model = model
         self.cache = None
@@ -109,6 +111,8 @@ class PromptLookupDrafter:
     prompt is the start of the output (a row's first input is its prompt's last token);
     for T5 the output is the decoder's own tokens and the prompt is only searched.
     """
+
+    reads_the_text = True  # its proposals come from the tokens the host has read
 
     def __init__(self, ngram_max=3):
         self.ngram_max = ngram_max

@@ -246,7 +246,10 @@ def run(args):
                else [DEFAULT_PROMPT if args.prompt is None else args.prompt])  # "" is a prompt too
     group = distributed.init()  # one process, or one rank of several under mlx.launch
     if args.pipeline and group.rank > 0:
-        return distributed.serve_target(args.model, group)
+        try:
+            return distributed.serve_target(args.model, group)
+        except model.LoadError as error:  # this rank's part would not load: one line, exit 2
+            raise UsageError(str(error)) from None
     own_draft = not (args.regular_decode or args.prompt_lookup)
     target, draft, tokenizer = load_models(args.model, args.draft_model if own_draft else None,
                                            group if args.pipeline else None)
