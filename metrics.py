@@ -28,7 +28,7 @@ CLIENT_GONE, SHUTTING_DOWN = 499, 503
 
 
 class Metrics:
-    """Counters, histograms and gauges of one server app (one api.Engine)."""
+    """Counters, histograms and gauges of one server app (one engine.Engine)."""
 
     def __init__(self, engine):
         self.registry = registry = CollectorRegistry()
@@ -70,7 +70,7 @@ class Tracker:
         self.reported = False
 
     def saw(self, event):
-        """Record an api.Event: its step's k and token latencies, and the request's Stats."""
+        """Record an engine.Event: its step's k and token latencies, and the request's Stats."""
         now, step = time.monotonic(), event.step
         self.stats = event.stats or self.stats
         if step is None or not step.tokens:

@@ -4,7 +4,7 @@
         [--host 127.0.0.1] [--port 8080] [--max-batch 8] [--max-queue 64]
 
 GET /health, GET /metrics (metrics.py), GET /v1/models[/{id}], POST /v1/completions,
-POST /v1/chat/completions. One thread owns MLX (api.Engine): a request joins the running
+POST /v1/chat/completions. One thread owns MLX (engine.Engine): a request joins the running
 batch at the next step and keeps its own settings. Bad requests, an OpenAI field this
 server does not honour among them, get OpenAI-style error JSON with status 400 and
 `param` naming the field (429 with Retry-After when the queue is full) and one line in
@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 import api
 import cli
 import metrics
+from engine import Engine, QueueFull
 
 log = logging.getLogger("server")
 
@@ -196,12 +197,12 @@ def chat_prompt(tokenizer, messages):
 # Endpoints whose requests the metrics count (by path); Retry-After on a 429, in seconds.
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 RETRY_AFTER_SECONDS = 1
-# The finish reason api.Engine.close gives the requests it ends: not OpenAI's, so not the client's.
+# The finish reason engine.Engine.close gives the requests it ends: not OpenAI's, so not the client's.
 SHUT_DOWN = "abort"
 
 
 def build_app(engine, defaults=None):
-    """The FastAPI application serving `engine` (an api.Engine), with its own metrics."""
+    """The FastAPI application serving `engine` (an engine.Engine), with its own metrics."""
     pair, defaults = engine.pair, dict(defaults or {})
     app = FastAPI(title="speculative decoding server")
     app.state.engine = engine
@@ -298,7 +299,7 @@ def build_app(engine, defaults=None):
             index = engine.submit(ids, chosen, listener)
         except api.UsageError as error:
             raise BadRequest(str(error), param=error.param) from None
-        except api.QueueFull as error:
+        except QueueFull as error:
             if engine.closed:
                 raise BadRequest("the server is shutting down", 503, "server_error") from None
             raise BadRequest(str(error), 429, "rate_limit_error",
@@ -474,14 +475,7 @@ def build_parser():
     parser.add_argument("--model", required=True, metavar="NAME_OR_DIR",
                         help="target: converted folder or name under mlx_models/")
     parser.add_argument("--draft-model", metavar="NAME_OR_DIR", help="draft: converted folder or name under mlx_models/")
-    parser.add_argument("--prompt-lookup", action="store_true",
-                        help="draft by copying from the prompt and the output so far; loads no draft model")
-    parser.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest suffix matched (>= 1)")
-    parser.add_argument("--num-draft", type=int, default=5, help="draft tokens per step at most (a request's "
-                                                                 "num_draft may ask for fewer)")
-    parser.add_argument("--draft-schedule", choices=["adaptive", "constant"], default="adaptive",
-                        help="adaptive: pick 0..num-draft each step for the most tokens per second; "
-                             "constant: always num-draft (seeded sampling then reproduces)")
+    cli.add_drafting_flags(parser, "draft tokens per step at most (a request's num_draft may ask for fewer)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
@@ -495,8 +489,7 @@ def build_parser():
 def check(args):
     rules = [
         (not (args.draft_model and args.prompt_lookup), "give --draft-model or --prompt-lookup, not both"),
-        (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
-        (args.ngram_max >= 1, f"--ngram-max must be at least 1, got {args.ngram_max}"),
+        *cli.drafting_problems(args),
         (0 <= args.port < 65536, f"--port must lie in [0, 65536), got {args.port}"),
         (args.max_batch >= 1, f"--max-batch must be at least 1, got {args.max_batch}"),
         (args.max_queue >= 1, f"--max-queue must be at least 1, got {args.max_queue}"),
@@ -525,7 +518,7 @@ def main(argv=None):
         pair = api.load(args.model, args.draft_model, args.prompt_lookup, args.ngram_max)
     except api.UsageError as error:
         cli.fail(error)
-    engine = api.Engine(pair, args.max_batch, args.max_queue, args.num_draft, args.draft_schedule,
+    engine = Engine(pair, args.max_batch, args.max_queue, args.num_draft, args.draft_schedule,
                         log=log.error, max_context=args.max_context)
     app = build_app(engine, {"num_draft": args.num_draft, "schedule": args.draft_schedule})
     # uvicorn restores the handlers it found and raises the signal again once it has shut

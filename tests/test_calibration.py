@@ -15,6 +15,7 @@ import api
 import calibration
 import decoder
 import policy
+from engine import Engine
 
 
 @pytest.fixture
@@ -191,7 +192,7 @@ def test_the_engine_starts_from_the_costs_kept_at_each_batch_size_and_keeps_its_
     pair = api.load(str(target_dir), str(draft_dir))
     mine = calibration.identity(target_dir, draft_dir, 1)
     calibration.store(dict(mine, batch=2), policy.Components(0.0, 1e-4, {2: 2e-3, 4: 2.2e-3, 6: 2.4e-3}))
-    engine = api.Engine(pair, max_batch=3, num_draft=2)
+    engine = Engine(pair, max_batch=3, num_draft=2)
     assert engine.policy.costs.calibrated(2) and not engine.policy.costs.calibrated(1)
     assert not engine.policy.costs.calibrated(3)
     done = threading.Event()

@@ -28,6 +28,7 @@ from test_server import start_server
 import api
 import decoder
 import policy
+from engine import Engine
 
 FAMILIES = ["gpt2", "llama", "t5"]
 LIMIT = 512  # the tiny pairs' limit: GPT-2's n_positions, T5's default n_positions (Llama's is 2048)
@@ -221,7 +222,7 @@ def test_a_fault_in_one_request_ends_only_that_request(pairs):
     alone = [list(decoder.generate(pair.target, ids, 10)) for ids in good]
     poison = pair.target.vocab_size - 1
     faulty = api.Pair(Faulty(pair.target, poison), pair.draft, pair.tokenizer, pair.name)
-    engine = api.Engine(faulty, max_batch=4, num_draft=3, schedule="constant")
+    engine = Engine(faulty, max_batch=4, num_draft=3, schedule="constant")
     done, events = threading.Event(), {}
 
     def listener(name):
@@ -252,7 +253,7 @@ def test_a_fault_in_one_request_ends_only_that_request(pairs):
                                         ([5], "max_tokens")])
 def test_the_engine_checks_each_request_at_submit(pairs, ids, param):
     *_, pair = pairs["gpt2"]
-    engine = api.Engine(pair, max_context=None)
+    engine = Engine(pair, max_context=None)
     try:
         with pytest.raises(api.UsageError) as error:
             engine.submit(ids, api.Settings(max_tokens=LIMIT + 1), lambda event: None)

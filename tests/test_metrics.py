@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import api
 import decoder
 import server
+from engine import Engine
 
 openai = pytest.importorskip("openai")
 
@@ -24,7 +25,7 @@ def pair(pair_dirs):
 
 def make_app(pair, **engine_settings):
     settings = dict(max_batch=4, max_queue=16, num_draft=3, schedule="constant") | engine_settings
-    engine = api.Engine(pair, settings["max_batch"], settings["max_queue"], settings["num_draft"],
+    engine = Engine(pair, settings["max_batch"], settings["max_queue"], settings["num_draft"],
                         settings["schedule"])
     return server.build_app(engine, {"num_draft": settings["num_draft"], "schedule": settings["schedule"]})
 
