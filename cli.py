@@ -1,5 +1,5 @@
-"""What the commands share: errors as one line (`error: ...`, exit code 2) and --help
-that shows every flag's default."""
+"""What the commands share: errors as one line (`error: ...`, exit code 2), --help that
+shows every flag's default, and the drafting flags of main.py and server.py."""
 
 import argparse
 import sys
@@ -29,6 +29,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see --help)")
+
+
+def add_drafting_flags(parser, num_draft_help):
+    """The flags that say who drafts besides a draft model and how much: --prompt-lookup, --ngram-max,
+    --num-draft (with its help for this command) and --draft-schedule."""
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="draft by copying from the prompt and the output so far; loads no draft model")
+    parser.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest suffix matched (>= 1)")
+    parser.add_argument("--num-draft", type=int, default=5, help=num_draft_help)
+    parser.add_argument("--draft-schedule", choices=["adaptive", "constant"], default="adaptive",
+                        help="adaptive: pick 0..num-draft each step for the most tokens per second; "
+                             "constant: always num-draft (seeded sampling then reproduces)")
+
+
+def drafting_problems(args):
+    """[(ok, one line)] of the drafting flags' checks."""
+    return [(args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
+            (args.ngram_max >= 1, f"--ngram-max must be at least 1, got {args.ngram_max}")]
 
 
 def first_line(error):

@@ -76,13 +76,8 @@ def build_parser():
     parser.add_argument("--prompt", metavar="TEXT", help=f"the input text (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--prompt-file", metavar="FILE.jsonl",
                         help='JSON lines, each an object with a "prompt" field (not with --prompt)')
-    parser.add_argument("--num-draft", type=int, default=5,
-                        help="draft tokens per step: the cap of the adaptive schedule, the count of the constant one")
-    parser.add_argument("--draft-schedule", choices=["adaptive", "constant"], default="adaptive",
-                        help="adaptive: pick 0..num-draft each step for the most tokens per second; constant: always num-draft")
-    parser.add_argument("--prompt-lookup", action="store_true",
-                        help="draft by copying from the prompt and the output so far; loads no draft model")
-    parser.add_argument("--ngram-max", type=int, default=3, help="prompt lookup: longest suffix matched (>= 1)")
+    cli.add_drafting_flags(parser, "draft tokens per step: the cap of the adaptive schedule, the count of the "
+                                   "constant one")
     parser.add_argument("--delta", type=float, default=0.0, help="acceptance relaxation in [0, 1]; 0 is exact")
     parser.add_argument("--max-tokens", type=int, default=100, help="tokens generated per prompt at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
@@ -115,9 +110,9 @@ def check(args):
     require([
         (args.prompt is None or args.prompt_file is None, "give --prompt or --prompt-file, not both"),
         (args.model.strip() and args.draft_model.strip(), "--model and --draft-model must not be empty"),
+        *cli.drafting_problems(args),
         (problem is None, problem),  # the decoding settings, checked as the server checks them
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-        (args.ngram_max >= 1, f"--ngram-max must be at least 1, got {args.ngram_max}"),
         (not (args.prompt_lookup and args.regular_decode), "--prompt-lookup and --regular-decode exclude each other"),
         (not (args.calibrate and (args.prompt_lookup or args.regular_decode)),
          "--calibrate measures a draft model's steps: not with --prompt-lookup or --regular-decode"),
