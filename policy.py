@@ -292,9 +292,11 @@ class AdaptivePolicy:
 
         self.plain_streak = self.plain_streak + 1 if best == 0 else 0
         if self.plain_streak > self.probe_gap and cap > 0:
-            # Acceptance is only seen while drafting: look again now and then.
+            # Acceptance is only seen while drafting: look again now and then. A k 1 this process has
+            # not timed is looked at even if its kept cost says it cannot pay: that cost may have been
+            # timed on a busy machine, and nothing else would ever time it again.
             self.plain_streak = 0
-            if could_pay(1):
+            if could_pay(1) or not self.costs.samples.get((batch, 1)):
                 self.probing = True
                 return 1
         self.steps += 1

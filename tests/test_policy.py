@@ -233,7 +233,8 @@ def test_calibrated_choice_maximises_expected_tokens_per_second(drawn, a, cap):
 @given(costs_drawn, st.floats(0.0, 0.99), st.integers(1, 2), st.integers(0, 2**32 - 1))
 def test_calibrated_policy_never_tries_a_k_that_cannot_pay(drawn, a, batch, seed):
     """Over a long run (acceptance drawn step by step), every k tried could beat the best's expected
-    rate were all its drafts accepted, and most steps take the best k."""
+    rate were all its drafts accepted, and most steps take the best k; the one exception: while plain
+    steps win, k 1 is looked at until this process has timed it (its kept cost may be stale)."""
     import random
 
     host, draft, verify = drawn
@@ -248,8 +249,10 @@ def test_calibrated_policy_never_tries_a_k_that_cannot_pay(drawn, a, batch, seed
         seconds = {k: model.step(batch, k) for k in range(9)}
         rates = {k: chosen.rate(acceptances, k, seconds[k]) for k in range(9)}
         best = max(rates.values())
+        untimed = not chosen.costs.samples.get((batch, 1))
         k = chosen.choose(rows, cap=8)
-        assert rates[k] == pytest.approx(best) or batch * (k + 1) / seconds[k] > best
+        looked = k == 1 and untimed and rates[0] == pytest.approx(best)
+        assert rates[k] == pytest.approx(best) or batch * (k + 1) / seconds[k] > best or looked
         best_steps += rates[k] == pytest.approx(best)
         accepted = []
         for _ in rows:
