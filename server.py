@@ -371,6 +371,14 @@ class Shape:
     def spelled(self, token):
         return api.text_of(self.tokenizer, [token])
 
+    def spelled_top(self, top):
+        """{spelling: logprob} of the most likely tokens, most likely first; where two spell alike (partial
+        UTF-8 pieces spell ''), the likelier keeps the key."""
+        spelled = {}
+        for token, logprob in top:
+            spelled.setdefault(self.spelled(token), logprob)
+        return spelled
+
     def logprobs(self, entries):
         """OpenAI's logprobs object of decoder.Step.logprobs entries (None: none asked for): a chat's
         {"content": [{token, logprob, bytes, top_logprobs}]}, a completion's {tokens, token_logprobs,
@@ -389,7 +397,7 @@ class Shape:
             offsets.append(self.offset)
             self.offset += len(spelled)
         return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
-                "top_logprobs": [{self.spelled(t): lp for t, lp in top} for _, _, top in entries],
+                "top_logprobs": [self.spelled_top(top) for _, _, top in entries],
                 "text_offset": offsets}
 
     def whole(self, text, event, entries=None):

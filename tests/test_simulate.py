@@ -104,3 +104,10 @@ def test_the_default_tracks_the_best_setting_of_any_trace(data):
     best = max(rate for name, rate in rows.items() if not name.startswith("adaptive"))
     assert rows["adaptive, later run"] >= 0.9 * best, rows
     assert rows["adaptive"] >= 0.85 * best, rows
+
+
+@pytest.mark.parametrize("flags", [["--seeds", "0"], ["--num-draft", "0"], ["--num-draft", "9"], ["--seeds", "-2"]])
+def test_replay_flags_out_of_range_are_one_line_and_exit_2(flags):
+    result = subprocess.run([sys.executable, "simulate.py", "replay", str(TRACES / "t5-synthetic-often-agrees.json"),
+                             *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
