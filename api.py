@@ -209,14 +209,19 @@ class Settings:
             ("schedule", self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MOST_LOGPROBS,
              f"{name('logprobs')} must lie in [0, {MOST_LOGPROBS}], got {self.logprobs}"),
-            ("logit_bias", all(isinstance(t, int) and t >= 0 and -100 <= b <= 100
-                               for t, b in (self.logit_bias or {}).items()),
-             f"{name('logit_bias')} must map token ids to values in [-100, 100]"),
+            ("logit_bias", not self.bad_bias(),
+             f"{name('logit_bias')} must map token ids to values in [-100, 100], got {self.bad_bias()}"),
             *((penalty, -2.0 <= getattr(self, penalty) <= 2.0,
                f"{name(penalty)} must lie in [-2, 2], got {getattr(self, penalty)}")
               for penalty in ("presence_penalty", "frequency_penalty")),
         ]
         return next(((field, message) for field, ok, message in rules if not ok), None)
+
+    def bad_bias(self):
+        """The first logit_bias entry {token: value} that is not a token id with a value in [-100, 100], or None."""
+        bad = next(((t, b) for t, b in (self.logit_bias or {}).items()
+                    if not (isinstance(t, int) and t >= 0 and -100 <= b <= 100)), None)
+        return None if bad is None else {bad[0]: bad[1]}
 
     @property
     def sampling(self):

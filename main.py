@@ -27,8 +27,8 @@ from api import UsageError, check_lengths, load_models, require_models  # noqa: 
 from textstream import TextStream, text_of
 
 DEFAULT_PROMPT = "translate English to German: A small model drafts the words and a large model checks them."
-OFFLINE = ("or see it work offline first: python benchmark.py builds a small synthetic pair in a minute and ends "
-           "with the main.py command that runs on it")
+OFFLINE = ("or see it work offline first: python benchmark.py builds a small synthetic pair (a few minutes "
+           "the first time) and ends with the main.py command that runs on it")
 
 
 def require(rules):
