@@ -63,9 +63,10 @@ class Pair:
     def models(self):
         return [m for m in (self.target, self.draft) if m is not None]
 
+    @cached_property
     def kept_costs(self):
         """The identity of this pair's step costs kept by calibration.py (batch size 1), or None
-        (no draft model, or not loaded from folders)."""
+        (no draft model, or not loaded from folders); its fingerprints are read once, at first use."""
         if self.draft is None or self.prompt_lookup or self.folders is None:
             return None
         try:
@@ -76,14 +77,14 @@ class Pair:
     def policy(self, schedule, num_draft, batches=(1,)):
         """The StepPolicy a schedule names; the adaptive one starts from the costs kept for this pair
         at each of the batch sizes `batches` (those a run may decode at)."""
-        fields = self.kept_costs() if schedule == "adaptive" else None
+        fields = self.kept_costs if schedule == "adaptive" else None
         if fields is None:
             return policy.make_policy(schedule, num_draft)
         return calibration.adaptive_policy(num_draft, fields, batches=list(batches))
 
     def remember(self, chosen, batches=(1,)):
         """Keep what an adaptive policy measured at the batch sizes `batches` (see calibration.remember)."""
-        fields = self.kept_costs()
+        fields = self.kept_costs
         if fields is not None and isinstance(chosen, policy.AdaptivePolicy):
             calibration.remember_over(chosen, fields, batches)
 
@@ -195,6 +196,7 @@ class Settings:
 
     def invalid(self, name=str):
         """(field, one line) of the first value out of range, or None."""
+        bad_bias = self.bad_bias()
         rules = [
             ("num_draft", self.num_draft >= 1, f"{name('num_draft')} must be at least 1, got {self.num_draft}"),
             ("delta", 0.0 <= self.delta <= 1.0, f"{name('delta')} must lie in [0, 1], got {self.delta}"),
@@ -209,8 +211,8 @@ class Settings:
             ("schedule", self.schedule in ("adaptive", "constant"), f"{name('schedule')} must be adaptive or constant"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MOST_LOGPROBS,
              f"{name('logprobs')} must lie in [0, {MOST_LOGPROBS}], got {self.logprobs}"),
-            ("logit_bias", not self.bad_bias(),
-             f"{name('logit_bias')} must map token ids to values in [-100, 100], got {self.bad_bias()}"),
+            ("logit_bias", bad_bias is None,
+             f"{name('logit_bias')} must map token ids to values in [-100, 100], got {bad_bias}"),
             *((penalty, -2.0 <= getattr(self, penalty) <= 2.0,
                f"{name(penalty)} must lie in [-2, 2], got {getattr(self, penalty)}")
               for penalty in ("presence_penalty", "frequency_penalty")),

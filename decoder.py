@@ -412,14 +412,12 @@ class Batch:
             except StopIteration as done:
                 self.pending = None
                 return self.rows_of([request], *done.value)
-        requests = self.queue.take(count) if count > 0 else []
-        long = [r for r in requests if self.long(r)]
+        taken = self.queue.take(count) if count > 0 else []
+        requests, long = [r for r in taken if not self.long(r)], [r for r in taken if self.long(r)]
         if long and self.pending is None:
-            self.pending = (long[0], self.target.prefill([long[0].ids], self.interleaved_chunk))
-            requests.remove(long[0])
-        later = [r for r in requests if self.long(r)]
-        self.queue.put_back(later)  # one long prompt at a time
-        requests = [r for r in requests if not self.long(r)]
+            first = long.pop(0)
+            self.pending = (first, self.target.prefill([first.ids], self.interleaved_chunk))
+        self.queue.put_back(long)  # one long prompt at a time
         if not requests:
             return None
         return self.rows_of(requests, *self.target.start([r.ids for r in requests]))
